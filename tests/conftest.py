@@ -13,14 +13,6 @@ KNOWN_DEFECTS = {
     "test_forward.py::test_closest_feasible_multipliers[infeasible_ineq]": "closest-feasible multipliers: signs/remnant along the shift",
     "test_forward.py::test_closest_feasible_multipliers[infeasible_eq_vs_ineq]": "closest-feasible multipliers: signs/remnant along the shift",
     "test_forward.py::test_closest_feasible_multipliers[mixed]": "closest-feasible multipliers: signs/remnant along the shift",
-    # float32: the primal-only Newton system H + rho I + G'G/mu loses float32's few digits when
-    # rho = 1e-6 and mu is small (LPs, PSD H) and on infeasible QPs at the penalty floor.
-    "test_forward.py::test_float32[psd_rank_deficient]": "float32 ill-conditioning of the primal Newton system",
-    "test_forward.py::test_float32[lp]": "float32 ill-conditioning of the primal Newton system",
-    "test_forward.py::test_float32[infeasible_eq_duplicated]": "float32 closest-feasible at the penalty floor",
-    "test_forward.py::test_float32[infeasible_ineq]": "float32 closest-feasible at the penalty floor",
-    "test_forward.py::test_float32[mixed]": "float32 closest-feasible at the penalty floor",
-    "test_forward.py::test_design_reference_problem[float32]": "float32 LP with rho = 1e-6",
 }
 
 

@@ -561,7 +561,12 @@ def test_design_reference_problem(dtype):
         x = arr(sol.x[i])
         if th <= 2:
             assert st == "SOLVED", (th, st)
-            assert np.abs(x - th / 2).max() < tol, (th, x)
+            # Every x in the box with x1 + x2 = theta is optimal: the objective and feasibility are
+            # what is determined. From x0 = 0 the iterates stay symmetric in exact arithmetic, and
+            # float64 keeps DESIGN's x = theta/2; float32's round-off may pick another optimum.
+            assert abs(x.sum() - th) < tol and x.min() > -tol and x.max() < 1 + tol, (th, x)
+            if dtype == "float64":
+                assert np.abs(x - th / 2).max() < tol, (th, x)
             assert np.abs(arr(sol.s_in[i])).max() == 0.0
         else:
             assert st == "CLOSEST_FEASIBLE", (th, st)

@@ -170,6 +170,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         # The closest-feasible shift found so far (scaled), already added to lo and hi.
         shift=scaled.H.new_zeros(B, k),
         iterations=torch.zeros(B, dtype=torch.int64, device=device),
+        primal_prev=scaled.H.new_full((B,), float("inf")),  # primal residual one outer iteration ago
         # The Cholesky factor of the last Newton matrix and what it was built for: while the
         # active set and the penalties stay, Newton steps reuse it.
         factor=scaled.H.new_zeros(B, n, n),
@@ -210,7 +211,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         out_iter[idx] = w.iterations[leaving]
         return w.keep(~leaving)
 
-    def reshift(w: _Work, mask: Tensor, r: Tensor) -> None:
+    def reshift(w: _Work, mask: Tensor, r: Tensor, min_shift: Tensor) -> None:
         """Move the problems in ``mask`` onto their closest feasible QP and restart them there.
 
         At the penalty floor x is the closest-feasible point up to round-off amplified by 1/mu;
@@ -222,6 +223,11 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         r_s = r[idx] * w.R[idx]
         rows = is_eq | (r_s != 0)
         s = project_out_row_range(w.G[idx], rows, r_s)
+        # A problem that is only slow to become feasible has its violation in the range of the
+        # violated rows, so its projected shift is (nearly) zero: it is not moved.
+        big = inf_norm(s / w.R[idx]) >= min_shift[idx]
+        idx, r_s, s = idx[big], r_s[big], s[big]
+        w.primal_prev[idx] = float("inf")
         w.shift[idx] += s
         w.lo[idx] += s
         w.hi[idx] += s
@@ -240,13 +246,21 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         at_floor = (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
         # At the floor the stationarity of the shift holds to O(mu) (the penalty bias); the
         # projection in reshift() removes what is left, so a relative test suffices here.
-        infeasible = ~solved & at_floor & (infeas <= eps_p + 1e-6 * primal) & (dual <= 10 * eps_d)
+        stationary = infeas <= eps_p + 1e-6 * primal
+        # At a floor mu that is not tiny the O(mu) bias can keep `infeas` above that test for ever;
+        # a primal residual that no longer falls at the floor is the other sign of infeasibility.
+        # (Only once the violation is nearly stationary: a stall far from the closest feasible
+        # point would project a wrong shift.)
+        stalled = (primal > eps_p) & (primal >= 0.9 * w.primal_prev) & (infeas <= 0.1 * primal)
+        w.primal_prev = primal
+        infeasible = ~solved & at_floor & (primal > eps_p) & (stationary | stalled) & (dual <= 10 * eps_d)
         was_shifted = (w.shift != 0).any(-1)
         status = torch.where(solved & ~was_shifted, int(Status.SOLVED), int(Status.CLOSEST_FEASIBLE))
         bad = ~(torch.isfinite(w.x).all(-1) & torch.isfinite(primal) & torch.isfinite(dual))
         status = torch.where(bad, int(Status.NUMERICAL_ERROR), status)
         leaving = solved | bad
         if not settings.closest_feasible:
+            infeasible = infeasible & stationary
             status = torch.where(infeasible & ~solved & ~bad, int(Status.PRIMAL_INFEASIBLE), status)
             leaving = leaving | infeasible
         if outer == settings.max_iter:
@@ -256,7 +270,9 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
             print(f"alqp outer {outer:4d}: working {w.x.shape[0]:6d}  max primal {float(primal.max()) if primal.numel() else 0:.2e}"
                   f"  max dual {float(dual.max()) if dual.numel() else 0:.2e}")
         if settings.closest_feasible and (infeasible & ~leaving).any():
-            reshift(w, infeasible & ~leaving, r)
+            # A problem moves only when its shift is a real part of its violation (with a loose
+            # eps_abs, `stationary` can hold on a problem that is merely slow to become feasible).
+            reshift(w, infeasible & ~leaving, r, 0.1 * primal)
         if leaving.any():
             w = finish(w, leaving, status, r)
             if w.x.shape[0] == 0:
@@ -277,7 +293,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
 
         # BCL: accept the multipliers when the primal residual met its target, else stiffen.
         primal_new = inf_norm(Gx_new - torch.clamp(Gx_new, w.lo, w.hi))
-        accept = primal_new <= w.eta_ext
+        # At the floor a rejection would leave the next inner problem identical to this one (x and
+        # the multipliers could never move again), so the plain method of multipliers takes over.
+        floor = (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
+        accept = (primal_new <= w.eta_ext) | floor
         w.mult = torch.where(accept.unsqueeze(-1), mult_new, w.mult)
         mu_in_next = torch.where(accept, w.mu_in, (w.mu_in * settings.mu_update_factor).clamp_min(mu_min))
         mu_eq_next = torch.where(accept, w.mu_eq, (w.mu_eq * settings.mu_update_factor).clamp_min(mu_min))
@@ -406,6 +425,15 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             K = w.H[sidx] + rho * eye + torch.matmul(GT_s * weights, w.G[sidx])
             L, info = torch.linalg.cholesky_ex(K)
             good = info == 0
+            if not bool(good.all()):
+                # rho I is below round-off against G'G/mu at a small penalty (LPs at the floor): a
+                # shift of a few ulps of K's diagonal restores definiteness. The step is then an
+                # inexact Newton step, still a descent direction for the exact line search.
+                bad = (~good).nonzero().squeeze(-1)
+                delta = 1e3 * torch.finfo(K.dtype).eps * K[bad].diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+                L_bad, info_bad = torch.linalg.cholesky_ex(K[bad] + delta[:, None, None] * eye)
+                L[bad] = L_bad
+                good[bad] = info_bad == 0
             w.factor[sidx] = torch.where(good[:, None, None], L, eye.expand_as(L))
             w.factor_rows[sidx] = rows[sidx]
             w.factor_mu[sidx] = mu_pair[sidx]
