@@ -573,7 +573,9 @@ def test_max_iter_and_unbounded_members_get_zero_gradient():
     u = torch.tensor([[0.5], [0.5]], dtype=DT, requires_grad=True)
     sol = solve_qp(H, g, C=C, u=u, settings=SETTINGS)
     assert sol.status.tolist() == [Status.DUAL_INFEASIBLE, Status.SOLVED]
-    (sol.x.sum() + sol.z.sum()).backward()
+    # (Weight 2 on z: for the solved member x2 = u and z = 1 - u, so x.sum() + z.sum() would not
+    # depend on u at all.)
+    (sol.x.sum() + 2 * sol.z.sum()).backward()
     for t in (g, C, u):
         assert torch.isfinite(t.grad).all() and (t.grad[0] == 0).all() and t.grad[1].abs().max() > 0
 

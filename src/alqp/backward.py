@@ -250,6 +250,60 @@ def lstsq_min_norm(M: Tensor, rhs: Tensor, rel_reg: float = 1e-10, max_refine: i
     return d_c * v
 
 
+def kkt_solve_direct(M: Tensor, rhs: Tensor, n: int, rel_reg: float = 1e-9, max_refine: int = 8,
+                     equilibrate_iter: int = 2) -> tuple[Tensor, Tensor]:
+    """Solve symmetric KKT systems M w = rhs, M = [[H, G'], [G, 0]] (H (n,n), G (k,n); zero rows of
+    G stand for absent constraints), when they are nonsingular; report where they are not.
+
+    Method: on the Ruiz-equilibrated system, the quasi-definite regularization [[H + delta I, G'],
+    [G, -delta I]] reduces to one n x n Cholesky factor of H + delta I + G'G/delta; iterative
+    refinement against the unregularized M removes the regularization's bias. It contracts only
+    where M is nonsingular, so a problem whose residual does not reach round-off within
+    ``max_refine`` steps is reported unsolved (the caller then takes the least-squares route).
+    This costs an n x n factorization instead of the (n+k) x (n+k) Gram matrix of
+    :func:`lstsq_min_norm`, and on a nonsingular system both return the unique solution.
+
+    Args:
+        M: (B,N,N) symmetric, N = n + k.  rhs: (B,N).  n: size of the H block.
+
+    Returns:
+        w (B,N), and solved (B,) bool.
+    """
+    B, N, _ = M.shape
+    # Symmetric Ruiz scaling D M D: row i's norm is d_i max_j |M_ij| d_j, one contiguous reduction.
+    absM = M.abs()
+    d = M.new_ones(B, N)
+    for _ in range(equilibrate_iter if N else 0):
+        norm = d * (absM * d.unsqueeze(-2)).amax(-1)
+        d = d * torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
+    Ms = M * d.unsqueeze(-1) * d.unsqueeze(-2)
+    r = d * rhs
+    Hs, Gs = Ms[:, :n, :n], Ms[:, n:, :n]
+    delta = rel_reg * Ms.abs().amax((-2, -1)).clamp_min(1.0) if N else M.new_ones(B)
+    eye = torch.eye(n, dtype=M.dtype, device=M.device)
+    K = Hs + delta[:, None, None] * eye + torch.matmul(Gs.transpose(-1, -2), Gs) / delta[:, None, None]
+    L, info = torch.linalg.cholesky_ex(K)
+    factored = info == 0
+    L = torch.where(factored[:, None, None], L, eye.expand_as(L))
+
+    def regularized_solve(res: Tensor) -> Tensor:
+        r1, r2 = res[:, :n], res[:, n:]
+        w1 = torch.cholesky_solve((r1 + _mtv(Gs, r2) / delta[:, None]).unsqueeze(-1), L).squeeze(-1)
+        return torch.cat([w1, (_mv(Gs, w1) - r2) / delta[:, None]], -1)
+
+    v = M.new_zeros(B, N)
+    scale = Ms.abs().amax((-2, -1)) if N else M.new_zeros(B)
+    solved = torch.zeros(B, dtype=torch.bool, device=M.device)
+    for _ in range(max_refine + 1):
+        res = r - _mv(Ms, v)
+        tol = 1e-13 * N * (scale * v.abs().amax(-1) + r.abs().amax(-1))
+        solved = factored & (res.abs().amax(-1) <= tol)
+        if bool(solved.all()) or _ == max_refine:
+            break
+        v = v + torch.where((factored & ~solved).unsqueeze(-1), regularized_solve(res), torch.zeros_like(v))
+    return d * v, solved
+
+
 def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, gz, gse, gsi,
                     full: bool) -> tuple[Tensor, Tensor]:
     """Assemble the adjoint system J_v' w = dL/dv of the module docstring, padded to fixed sizes.
@@ -357,7 +411,15 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         act_g = ActiveSet(*(sub(t) for t in act))
         M, rhs = _adjoint_system(P.select(idx), sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,
                                  sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
-        w = lstsq_min_norm(M, rhs)
+        if full:
+            w = lstsq_min_norm(M, rhs)
+        else:
+            # Most feasible problems have a nonsingular KKT matrix: solve those directly, the
+            # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
+            w, solved = kkt_solve_direct(M, rhs, n)
+            rest = (~solved).nonzero().squeeze(-1)
+            if rest.numel():
+                w[rest] = lstsq_min_norm(M[rest], rhs[rest])
         w1[idx] = w[:, :n]
         w2[idx] = w[:, n:n + p]
         w3[idx] = w[:, n + p:n + p + m] * act_g.active
