@@ -1,0 +1,119 @@
+"""The Sudoku example (examples/sudoku): generator, rule checks, and that training lowers the loss."""
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sudoku"))
+import data  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+
+
+def _all_4x4_boards():
+    """Every valid 4x4 board, enumerated row by row from permutations (independent of data.solve_board)."""
+    perms = list(itertools.permutations(range(1, 5)))
+    boards = []
+
+    def ok(rows):
+        for c in range(4):
+            if len({r[c] for r in rows}) != len(rows):
+                return False
+        if len(rows) in (2, 4):  # a band of boxes is complete
+            top = rows[-2:]
+            for bc in (0, 2):
+                if len({top[i][bc + j] for i in range(2) for j in range(2)}) != 4:
+                    return False
+        return True
+
+    def extend(rows):
+        if len(rows) == 4:
+            boards.append(rows)
+            return
+        for p in perms:
+            if ok(rows + [p]):
+                extend(rows + [p])
+
+    extend([])
+    return torch.tensor(boards)
+
+
+def test_generator_puzzles_have_unique_solutions():
+    boards = _all_4x4_boards()
+    assert boards.shape == (288, 4, 4)  # the known count of 4x4 Sudoku grids
+    d = data.generate(60, n=2, seed=1)
+    givens = data.decode(d.puzzles, 2) * (d.puzzles.sum(-1) > 0)  # 0 where blank
+    solutions = data.decode(d.solutions, 2)
+    assert not data.board_errors(solutions, 2).any()
+    for puzzle, solution in zip(givens, solutions):
+        mask = puzzle > 0
+        consistent = (boards[:, mask] == puzzle[mask]).all(1)
+        assert int(consistent.sum()) == 1, "a puzzle must have exactly one completion"
+        assert torch.equal(boards[consistent][0], solution)
+        assert mask.sum() < 16  # something is left to solve
+
+
+def test_generator_is_seeded_and_one_hot():
+    a, b, c = data.generate(20, 2, seed=5), data.generate(20, 2, seed=5), data.generate(20, 2, seed=6)
+    assert torch.equal(a.puzzles, b.puzzles) and torch.equal(a.solutions, b.solutions)
+    assert not torch.equal(a.puzzles, c.puzzles)
+    assert a.puzzles.shape == (20, 4, 4, 4) and a.solutions.shape == (20, 4, 4, 4)
+    assert set(a.puzzles.sum(-1).unique().tolist()) <= {0.0, 1.0}  # givens one-hot, blanks zero
+    assert (a.solutions.sum(-1) == 1).all()
+    assert ((a.puzzles == 1) <= (a.solutions == 1)).all()  # givens agree with the solution
+
+
+def test_9x9_generator_unique():
+    d = data.generate(2, n=3, seed=0, max_blanks=45)
+    for puzzle in data.decode(d.puzzles, 3) * (d.puzzles.sum(-1) > 0):
+        assert data.count_solutions(puzzle.tolist(), 3, limit=2) == 1
+        assert (puzzle == 0).sum() == 45
+
+
+def test_rules_matrix_and_board_errors():
+    A = data.sudoku_constraints(2)
+    assert A.shape == (40, 64) and torch.linalg.matrix_rank(A) == 40  # OptNet's 40 rows for 4x4
+    d = data.generate(10, 2, seed=2)
+    x = d.solutions.reshape(10, -1)
+    assert torch.allclose(x @ A.T, torch.ones(10, 40, dtype=torch.float64))
+    boards = data.decode(d.solutions, 2)
+    assert not data.board_errors(boards, 2).any()
+    broken = boards.clone()
+    broken[:, 0, [0, 1]] = broken[:, 0, [1, 0]]  # swapping two cells of a row breaks a column
+    assert data.board_errors(broken, 2).all()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches: a second thread only adds contention (the test is several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# The LP starts with x summing to about 2 per board (A x = 1 with A uniform in [0, 1)) where the
+# solution has 16 ones, and moves only as A's entries do: its loss falls slowly but steadily at a
+# small learning rate. The OptNet models fall fast.
+@pytest.mark.parametrize("name,lr,steps,factor", [("lp", 0.01, 12, 0.97), ("optnet", 0.05, 8, 0.8), ("qpth", 0.05, 8, 0.8)])
+def test_a_few_training_steps_lower_the_loss(name, lr, steps, factor, one_thread):
+    if name == "qpth":
+        pytest.importorskip("qpth")
+    torch.manual_seed(0)
+    d = data.generate(8, 2, seed=3)
+    settings = train.alqp.Settings(mu_min=1e-5, rho=1e-4, max_iter=200, eps_abs=1e-6)
+    model = models.build_model(name, 2, settings=settings, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(d.puzzles)
+        loss = train.batch_loss(name, out, d.solutions, shift_weight=1.0)
+        loss.backward()
+        assert model.A.grad is not None and model.A.grad.abs().sum() > 0
+        assert (out.status <= int(train.alqp.Status.CLOSEST_FEASIBLE)).all(), out.status
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < factor * losses[0], losses
