@@ -420,9 +420,14 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
         stale = ~(take(w.factor_valid) & (take(w.factor_rows) == rows_a).all(-1) & (take(w.factor_mu) == mu_pair_a).all(-1))
         if bool(stale.any()):
             sidx = stale.nonzero().squeeze(-1) if everyone else idx[stale]
-            GT_s = w.GT[sidx]
-            weights = (rows[sidx].to(x.dtype) / mu[sidx]).unsqueeze(-2)
-            K = w.H[sidx] + rho * eye + torch.matmul(GT_s * weights, w.G[sidx])
+            # (B,n,n) passes cost about half a batched product here: gather only when needed,
+            # add rho on the diagonal in place and accumulate the product into that copy.
+            all_stale = sidx.numel() == w.x.shape[0]
+            pick = (lambda t: t) if all_stale else (lambda t: t[sidx])
+            weights = (pick(rows).to(x.dtype) / pick(mu)).unsqueeze(-2)
+            K = w.H.clone() if all_stale else w.H[sidx]
+            K.diagonal(dim1=-2, dim2=-1).add_(rho)
+            K = torch.baddbmm(K, pick(w.GT) * weights, pick(w.G))
             L, info = torch.linalg.cholesky_ex(K)
             good = info == 0
             if not bool(good.all()):
@@ -434,7 +439,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
                 L_bad, info_bad = torch.linalg.cholesky_ex(K[bad] + delta[:, None, None] * eye)
                 L[bad] = L_bad
                 good[bad] = info_bad == 0
-            w.factor[sidx] = torch.where(good[:, None, None], L, eye.expand_as(L))
+            w.factor[sidx] = L if bool(good.all()) else torch.where(good[:, None, None], L, eye.expand_as(L))
             w.factor_rows[sidx] = rows[sidx]
             w.factor_mu[sidx] = mu_pair[sidx]
             w.factor_valid[sidx] = good
