@@ -5,14 +5,8 @@ report shows it as XFAIL (or XPASS once the defect is fixed, the cue to delete t
 """
 import pytest
 
-KNOWN_DEFECTS = {
-    # The closest-feasible multipliers are the ALM's with their component along the total shift
-    # removed; when the shift is refined twice, a remnant ~1e9 times a tiny non-orthogonality of
-    # the two shift directions is left, and the projection does not keep z's bound signs.
-    "test_forward.py::test_closest_feasible_multipliers[infeasible_eq_overdetermined]": "closest-feasible multipliers: signs/remnant along the shift",
-    "test_forward.py::test_closest_feasible_multipliers[infeasible_ineq]": "closest-feasible multipliers: signs/remnant along the shift",
-    "test_forward.py::test_closest_feasible_multipliers[infeasible_eq_vs_ineq]": "closest-feasible multipliers: signs/remnant along the shift",
-    "test_forward.py::test_closest_feasible_multipliers[mixed]": "closest-feasible multipliers: signs/remnant along the shift",
+KNOWN_DEFECTS: dict = {
+    # "test_file.py::test_name[param]": "reason",  (none known at present)
 }
 
 

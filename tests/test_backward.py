@@ -98,8 +98,9 @@ def infeasible_instance(B, n, p, n_viol, n_free, seed):
 
     The p equality rows and n_viol violated inequality rows number n + 1 (so they pin x*, and the
     shift s spans the one-dimensional null space of [A; C_I]'); n_free further rows are inactive.
-    The shift s has |s_i| >= 0.2 on every shifted row, the multipliers are orthogonal to s (the
-    solver's choice), and finite differences in any input keep this structure.
+    The shift s has |s_i| >= 0.2 on every shifted row, the multipliers are the solver's choice on
+    their ray along s (orthogonal to s, or moved along s until every violated row has its sign),
+    and finite differences in any input keep this structure.
     Returns (problem dict, x*, y*, z*, s_eq*, s_in*).
     """
     assert p + n_viol == n + 1
@@ -128,6 +129,11 @@ def infeasible_instance(B, n, p, n_viol, n_free, seed):
     u_f = Cfx + _unif(gen, (B, n_free), 0.3, 1.0)
     lam = torch.randn(B, k, generator=gen, dtype=DT)
     lam = lam - (lam * s).sum(-1, keepdim=True) / (s * s).sum(-1, keepdim=True) * s
+    # The solver's choice on the ray lam + t s: the orthogonal point (t = 0) unless a violated
+    # inequality row's multiplier has the wrong sign there; then the smallest t that fixes every
+    # row (z_i + t s_i must have the sign of s_i, i.e. t >= -z_i / s_i). g is the same for all t.
+    t_min = torch.where(torch.arange(k) >= p, -lam / s, torch.full_like(s, -INF)).amax(-1, keepdim=True)
+    lam = lam + t_min.clamp_min(0.0) * s
     C = torch.cat([CI, Cf], 1)
     z = torch.cat([lam[:, p:], torch.zeros(B, n_free, dtype=DT)], 1)
     y = lam[:, :p]
@@ -261,7 +267,9 @@ def test_gradcheck_infeasible_parallel_inequalities():
     sol = solve_qp(H, g, a, b, C, l, u, settings=SETTINGS)
     assert sol.status == Status.CLOSEST_FEASIBLE
     assert torch.allclose(sol.x, x, atol=1e-7) and torch.allclose(sol.s_in, s_in, atol=1e-7)
-    assert torch.allclose(sol.z, z, atol=1e-6)
+    # Row 0 sits below its lower bound, so its multiplier must be <= 0: the orthogonal z breaks
+    # that, and the solver moves along s by t = 0.75 (z_0 + t s_0 = 0): z = (0, 0.75, 0.5).
+    assert torch.allclose(sol.z, z + 0.75 * s_in, atol=1e-6)
 
     def fn(H, g, a, b, c, c2, l, u):
         s = solve_qp(0.5 * (H + H.T), g, a, b, torch.stack([c, 2 * c, c2]), l, u, settings=SETTINGS)

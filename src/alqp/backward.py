@@ -15,7 +15,9 @@ true under small perturbations of the data (beta_i is u_i or l_i, the bound row 
     R3  C_J x - s_J - beta_J = 0                 (|J|) active shifted inequalities (s_J = 0 off I)
     R5  A's_eq + C_I's_I = 0                     (n)  the shift is least-squares (DESIGN section 2)
     R6  (y's_eq + z_I's_I) / nu = 0              (1)  the solver's choice among the multipliers
-                                                      (they are unique only up to a multiple of s)
+                                                      (they are unique only up to a multiple of s),
+                                                      or z_i* = 0 where that choice would break the
+                                                      sign of a violated row i* (see solver.finish)
 
 together with z_i = 0 off J and s_i = 0 off I, which pin those derivatives to zero. A feasible
 (SOLVED) problem keeps R1-R3 only, with s = 0 and ds = 0: the QPLayer paper's convention that the
@@ -341,11 +343,20 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
     inv_nu = torch.where(nu > 0, 1.0 / torch.where(nu > 0, nu, torch.ones_like(nu)), torch.zeros_like(nu))
     inv_nu = (inv_nu * phi.squeeze(-1)).unsqueeze(-1)
     eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
-    col = lambda t: (t * inv_nu).unsqueeze(-1)  # noqa: E731  a (B,k) vector as the w6 column
+    # Which multipliers the forward chose on the ray (y, z) + t (s_eq, s_in): the orthogonal one
+    # (R6 as above), or, where that one breaks a violated row's sign, the one that moved just far
+    # enough for it: z_i* = 0 on that row (R6': the w6 column is then e_i* in the dz block).
+    orth = (phi * y * s_eq).sum(-1) + (z_v * s_v).sum(-1)
+    orth_scale = (phi * y * s_eq).abs().sum(-1) + (z_v * s_v).abs().sum(-1)
+    pinned = (act.shifted & (orth.abs() > 1e-6 * orth_scale)).to(H.dtype).unsqueeze(-1)
+    candidates = torch.where(v > 0, z.abs(), torch.full_like(z, float("inf")))
+    pin_row = torch.nn.functional.one_hot(candidates.argmin(-1), m).to(H.dtype) if m else z.new_zeros(B, 0)
+    keep = 1.0 - pinned
+    col = lambda t: (t * inv_nu * keep).unsqueeze(-1)  # noqa: E731  a (B,k) vector as the w6 column
     M = torch.cat([
         torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, 1)], -1),
         torch.cat([A, Z(p, p), Z(p, m), Z(p, n), col(s_eq)], -1),
-        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), col(s_v)], -1),
+        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), col(s_v) + (pinned * pin_row).unsqueeze(-1)], -1),
         torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, col(phi * y)], -1),
         torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, col(z_v)], -1),
     ], -2)

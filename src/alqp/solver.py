@@ -191,7 +191,9 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         t = -(mult * s).sum(-1) / torch.where(s_norm2 > 0, s_norm2, torch.ones_like(s_norm2))
         if keep_signs:
             # Row i keeps its sign for t >= -mult_i / s_i.
-            sign_rows = ~is_eq & (s != 0)
+            # (Rows shifted by round-off only, |s_i| below 1e-6 of the largest shift, are left out:
+            # their -mult_i/s_i is noise.)
+            sign_rows = ~is_eq & (s.abs() > 1e-6 * inf_norm(s).unsqueeze(-1))
             limit = torch.where(sign_rows, -mult / torch.where(sign_rows, s, torch.ones_like(s)), torch.full_like(s, -float("inf")))
             t = torch.maximum(t, limit.amax(-1) if s.shape[-1] else t)
         return mult + t.unsqueeze(-1) * s
@@ -205,7 +207,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         st = status[leaving]
         shifted = ((st == Status.CLOSEST_FEASIBLE) | (st == Status.PRIMAL_INFEASIBLE)).unsqueeze(-1)
         out_x[idx] = w.x[leaving] * w.D[leaving]
-        out_w[idx] = torch.where(shifted, remove_shift_component(mult, s), mult)
+        # Among the closest feasible QP's multipliers (a ray along s) report the smallest one
+        # whose inequality multipliers have their bounds' signs; the backward differentiates the
+        # same choice (backward.py, R6).
+        out_w[idx] = torch.where(shifted, remove_shift_component(mult, s, keep_signs=True), mult)
         out_s[idx] = torch.where(shifted, s, torch.zeros_like(s))
         out_status[idx] = st
         out_iter[idx] = w.iterations[leaving]
