@@ -680,3 +680,18 @@ def test_learns_constraint_matrix():
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_small_positive_entries_stay_free_at_a_loose_tolerance():
+    """x >= 0 with H = I: x_i = max(-g_i, 0), so dx_i/dg_i = -1 where x_i > 0, however small, and 0
+    where x_i = 0. At eps_abs = 1e-6 the entries 1e-4 and 5e-4 are far above the solver's accuracy
+    and must not be treated as sitting on their bound (a sqrt(eps) = 1e-3 activity test did)."""
+    g = torch.tensor([-1e-4, -5e-4, 0.3, 0.5, -1.0, -2.0], dtype=DT, requires_grad=True)
+    n = g.shape[0]
+    weights = torch.arange(1.0, n + 1, dtype=DT)
+    sol = solve_qp(torch.eye(n, dtype=DT), g, C=torch.eye(n, dtype=DT), l=torch.zeros(n, dtype=DT),
+                   settings=Settings(eps_abs=1e-6))
+    assert sol.status == Status.SOLVED
+    (weights * sol.x).sum().backward()
+    expected = torch.where(g.detach() < 0, -weights, torch.zeros_like(weights))
+    assert torch.allclose(g.grad, expected, atol=1e-6), g.grad

@@ -86,16 +86,16 @@ class ActiveSet(NamedTuple):
 
 
 def default_active_tol(dtype: torch.dtype, settings: Optional[Settings] = None) -> float:
-    """Relative tolerance that separates active from inactive rows.
+    """Relative tolerance that separates active from inactive rows: the solver's own accuracy
+    eps = max(eps_abs, 100 finfo.eps) (1e-9 for the float64 default, 1.2e-5 in float32).
 
-    The forward solution is accurate to about eps = max(eps_abs, 100 finfo.eps) (the solver's own
-    floor), and the slack of an inactive row of a nondegenerate problem is O(1) relative to the row's
-    scale; sqrt(eps) sits between the two on a log scale (3e-5 for the float64 default eps_abs=1e-9,
-    3.5e-3 in float32).
+    A row the solver left within eps of a bound, or with a multiplier above eps, is active. A
+    coarser tolerance (sqrt(eps) was tried) pins rows whose slack is small but real, e.g. the
+    entries of x >= 0 that are small and positive in OptNet's Sudoku QP, and biases the gradient:
+    53% relative error there at eps_abs = 1e-6, against 1.7e-5 with eps.
     """
     settings = settings or Settings()
-    eps = max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
-    return eps ** 0.5
+    return max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
 
 
 def _mv(M: Tensor, v: Tensor) -> Tensor:
