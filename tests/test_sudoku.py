@@ -117,3 +117,28 @@ def test_a_few_training_steps_lower_the_loss(name, lr, steps, factor, one_thread
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < factor * losses[0], losses
+
+
+def test_optnet_model_gradient_matches_finite_differences(one_thread):
+    """The OptNet model's gradient (A and z0, through A and b = A exp(z0)) against central finite
+    differences of the loss along random directions, on a few puzzles."""
+    d = data.generate(4, 2, seed=7)
+    settings = train.alqp.Settings(eps_abs=1e-11, max_iter=2000)
+    model = models.build_model("optnet", 2, settings=settings, seed=0)
+    train.batch_loss("optnet", model(d.puzzles), d.solutions, 1.0).backward()
+    A0, z0 = model.A.detach().clone(), model.log_z0.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+
+    def loss_at(A, z):
+        with torch.no_grad():
+            model.A.copy_(A)
+            model.log_z0.copy_(z)
+            return train.batch_loss("optnet", model(d.puzzles), d.solutions, 1.0).item()
+
+    for _ in range(2):
+        dA = torch.randn(A0.shape, generator=gen, dtype=torch.float64)
+        dz = torch.randn(z0.shape, generator=gen, dtype=torch.float64)
+        h = 1e-5
+        fd = (loss_at(A0 + h * dA, z0 + h * dz) - loss_at(A0 - h * dA, z0 - h * dz)) / (2 * h)
+        analytic = float((model.A.grad * dA).sum() + (model.log_z0.grad * dz).sum())
+        assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (analytic, fd)
