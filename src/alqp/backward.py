@@ -252,58 +252,71 @@ def lstsq_min_norm(M: Tensor, rhs: Tensor, rel_reg: float = 1e-10, max_refine: i
     return d_c * v
 
 
-def kkt_solve_direct(M: Tensor, rhs: Tensor, n: int, rel_reg: float = 1e-9, max_refine: int = 8,
-                     equilibrate_iter: int = 2) -> tuple[Tensor, Tensor]:
-    """Solve symmetric KKT systems M w = rhs, M = [[H, G'], [G, 0]] (H (n,n), G (k,n); zero rows of
-    G stand for absent constraints), when they are nonsingular; report where they are not.
+def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: float = 1e-9, max_refine: int = 8,
+                     equilibrate_iter: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve symmetric KKT systems [[H, G'], [G, 0]] (w1, w2) = (r1, r2) where they are nonsingular,
+    and report where they are not. Zero rows of G stand for absent constraints (their w2 is 0).
 
-    Method: on the Ruiz-equilibrated system, the quasi-definite regularization [[H + delta I, G'],
-    [G, -delta I]] reduces to one n x n Cholesky factor of H + delta I + G'G/delta; iterative
-    refinement against the unregularized M removes the regularization's bias. It contracts only
-    where M is nonsingular, so a problem whose residual does not reach round-off within
-    ``max_refine`` steps is reported unsolved (the caller then takes the least-squares route).
-    This costs an n x n factorization instead of the (n+k) x (n+k) Gram matrix of
-    :func:`lstsq_min_norm`, and on a nonsingular system both return the unique solution.
+    Method: on the symmetrically Ruiz-equilibrated blocks, the quasi-definite regularization
+    [[H + delta I, G'], [G, -delta I]] reduces to one n x n Cholesky factor of
+    H + delta I + G'G/delta; iterative refinement against the unregularized system removes the
+    regularization's bias. It contracts only where the system is nonsingular, so a problem whose
+    residual does not reach round-off within ``max_refine`` steps is reported unsolved (the caller
+    then takes the least-squares route). The blocks are never assembled into the (n+k)^2 matrix:
+    an n x n factorization and block products instead of :func:`lstsq_min_norm`'s Gram matrix. On
+    a nonsingular system both return the unique solution.
 
     Args:
-        M: (B,N,N) symmetric, N = n + k.  rhs: (B,N).  n: size of the H block.
+        H: (B,n,n) symmetric.  G: (B,k,n).  r1: (B,n).  r2: (B,k).
 
     Returns:
-        w (B,N), and solved (B,) bool.
+        w1 (B,n), w2 (B,k), and solved (B,) bool.
     """
-    B, N, _ = M.shape
-    # Symmetric Ruiz scaling D M D: row i's norm is d_i max_j |M_ij| d_j, one contiguous reduction.
-    absM = M.abs()
-    d = M.new_ones(B, N)
-    for _ in range(equilibrate_iter if N else 0):
-        norm = d * (absM * d.unsqueeze(-2)).amax(-1)
-        d = d * torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-    Ms = M * d.unsqueeze(-1) * d.unsqueeze(-2)
-    r = d * rhs
-    Hs, Gs = Ms[:, :n, :n], Ms[:, n:, :n]
-    delta = rel_reg * Ms.abs().amax((-2, -1)).clamp_min(1.0) if N else M.new_ones(B)
-    eye = torch.eye(n, dtype=M.dtype, device=M.device)
-    K = Hs + delta[:, None, None] * eye + torch.matmul(Gs.transpose(-1, -2), Gs) / delta[:, None, None]
+    B, n = r1.shape
+    absH, absG = H.abs(), G.abs()
+    d1, d2 = H.new_ones(B, n), H.new_ones(B, G.shape[1])
+
+    def safe_rsqrt(norm: Tensor) -> Tensor:
+        return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
+
+    for _ in range(equilibrate_iter):
+        # Symmetric scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]]: row norms, block by block.
+        col_G = (absG * d2.unsqueeze(-1)).amax(-2) if G.shape[1] else torch.zeros_like(d1)
+        n1 = d1 * torch.maximum((absH * d1.unsqueeze(-2)).amax(-1), col_G)
+        n2 = d2 * (absG * d1.unsqueeze(-2)).amax(-1) if n else torch.zeros_like(d2)
+        d1, d2 = d1 * safe_rsqrt(n1), d2 * safe_rsqrt(n2)
+    Hs = H * d1.unsqueeze(-1) * d1.unsqueeze(-2)
+    Gs = G * d2.unsqueeze(-1) * d1.unsqueeze(-2)
+    r1s, r2s = d1 * r1, d2 * r2
+    scale = torch.maximum(inf_norm(Hs.flatten(1)), inf_norm(Gs.flatten(1)))
+    delta = (rel_reg * scale.clamp_min(1.0)).unsqueeze(-1)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    K = Hs.clone()
+    K.diagonal(dim1=-2, dim2=-1).add_(delta)
+    K = torch.baddbmm(K, Gs.transpose(-1, -2) / delta.unsqueeze(-1), Gs)
     L, info = torch.linalg.cholesky_ex(K)
     factored = info == 0
-    L = torch.where(factored[:, None, None], L, eye.expand_as(L))
+    if not bool(factored.all()):
+        L = torch.where(factored[:, None, None], L, eye.expand_as(L))
 
-    def regularized_solve(res: Tensor) -> Tensor:
-        r1, r2 = res[:, :n], res[:, n:]
-        w1 = torch.cholesky_solve((r1 + _mtv(Gs, r2) / delta[:, None]).unsqueeze(-1), L).squeeze(-1)
-        return torch.cat([w1, (_mv(Gs, w1) - r2) / delta[:, None]], -1)
-
-    v = M.new_zeros(B, N)
-    scale = Ms.abs().amax((-2, -1)) if N else M.new_zeros(B)
-    solved = torch.zeros(B, dtype=torch.bool, device=M.device)
-    for _ in range(max_refine + 1):
-        res = r - _mv(Ms, v)
-        tol = 1e-13 * N * (scale * v.abs().amax(-1) + r.abs().amax(-1))
-        solved = factored & (res.abs().amax(-1) <= tol)
-        if bool(solved.all()) or _ == max_refine:
+    v1, v2 = torch.zeros_like(r1s), torch.zeros_like(r2s)
+    solved = torch.zeros(B, dtype=torch.bool, device=H.device)
+    size = torch.maximum(inf_norm(r1s), inf_norm(r2s))
+    for step in range(max_refine + 1):
+        Gv1 = _mv(Gs, v1)
+        res1 = r1s - _mv(Hs, v1) - _mtv(Gs, v2)
+        res2 = r2s - Gv1
+        v_size = torch.maximum(inf_norm(v1), inf_norm(v2))
+        tol = 1e-13 * (n + G.shape[1]) * (scale * v_size + size)
+        solved = factored & (torch.maximum(inf_norm(res1), inf_norm(res2)) <= tol)
+        if bool(solved.all()) or step == max_refine:
             break
-        v = v + torch.where((factored & ~solved).unsqueeze(-1), regularized_solve(res), torch.zeros_like(v))
-    return d * v, solved
+        move = (factored & ~solved).unsqueeze(-1)
+        dv1 = torch.cholesky_solve((res1 + _mtv(Gs, res2) / delta).unsqueeze(-1), L).squeeze(-1)
+        dv2 = (_mv(Gs, dv1) - res2) / delta
+        v1 = v1 + torch.where(move, dv1, torch.zeros_like(dv1))
+        v2 = v2 + torch.where(move, dv2, torch.zeros_like(dv2))
+    return d1 * v1, d2 * v2, solved
 
 
 def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, gz, gse, gsi,
@@ -420,16 +433,21 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             continue
         sub = lambda t: t[idx]  # noqa: E731
         act_g = ActiveSet(*(sub(t) for t in act))
-        M, rhs = _adjoint_system(P.select(idx), sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,
-                                 sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
+        P_g = P.select(idx)
+        system = lambda: _adjoint_system(P_g, sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,  # noqa: E731
+                                         sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
         if full:
-            w = lstsq_min_norm(M, rhs)
+            w = lstsq_min_norm(*system())
         else:
             # Most feasible problems have a nonsingular KKT matrix: solve those directly, the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
-            w, solved = kkt_solve_direct(M, rhs, n)
+            a = act_g.active
+            w1_g, w23_g, solved = kkt_solve_direct(P_g.H, torch.cat([P_g.A, a.unsqueeze(-1) * P_g.C], -2),
+                                                    sub(gx), torch.cat([sub(gy), a * sub(gz)], -1))
+            w = torch.cat([w1_g, w23_g], -1)
             rest = (~solved).nonzero().squeeze(-1)
             if rest.numel():
+                M, rhs = system()
                 w[rest] = lstsq_min_norm(M[rest], rhs[rest])
         w1[idx] = w[:, :n]
         w2[idx] = w[:, n:n + p]
