@@ -241,6 +241,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         for name, v in fresh_penalties(idx.numel(), w.x).items():
             getattr(w, name)[idx] = v
 
+    def at_penalty_floor(w: _Work) -> Tensor:
+        """(B,) True where both penalties have reached mu_min (up to its rounding)."""
+        return (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
+
     for outer in range(settings.max_iter + 1):
         Hx, Gx = _vm(w.x, w.H), _vm(w.x, w.GT)
         primal, natural, dual, infeas, pscale, dscale, roundoff, r = _residuals(w, is_eq, Hx, Gx)
@@ -248,7 +252,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         # The dual residual cannot be computed more accurately than its round-off bound.
         eps_d = eps_abs + eps_rel * dscale + 10 * finfo.eps * roundoff
         solved = (natural <= eps_p) & (dual <= eps_d)
-        at_floor = (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
+        at_floor = at_penalty_floor(w)
         # At the floor the stationarity of the shift holds to O(mu) (the penalty bias); the
         # projection in reshift() removes what is left, so a relative test suffices here.
         stationary = infeas <= eps_p + 1e-6 * primal
@@ -300,8 +304,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         primal_new = inf_norm(Gx_new - torch.clamp(Gx_new, w.lo, w.hi))
         # At the floor a rejection would leave the next inner problem identical to this one (x and
         # the multipliers could never move again), so the plain method of multipliers takes over.
-        floor = (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
-        accept = (primal_new <= w.eta_ext) | floor
+        accept = (primal_new <= w.eta_ext) | at_penalty_floor(w)
         w.mult = torch.where(accept.unsqueeze(-1), mult_new, w.mult)
         mu_in_next = torch.where(accept, w.mu_in, (w.mu_in * settings.mu_update_factor).clamp_min(mu_min))
         mu_eq_next = torch.where(accept, w.mu_eq, (w.mu_eq * settings.mu_update_factor).clamp_min(mu_min))
