@@ -74,6 +74,13 @@ def _check_tensor(name: str, t, core_ndim: int) -> None:
         )
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether t holds no NaN or Inf. A sum carries any of them through in one pass with no
+    temporary; only a sum that overflows needs the exact elementwise test."""
+    t = t.detach()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: bool = True) -> QPProblem:
     """Validate the QP data and broadcast it to a common batch size.
 
@@ -139,7 +146,7 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
 
     for name in ("H", "g", "A", "b", "C"):
         t = present.get(name)
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not _all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf")
     for name in ("l", "u"):
         t = present.get(name)
@@ -152,12 +159,16 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
     if l is not None and u is not None and (l > u).any():
         raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
 
+    # Symmetrized before the batch is expanded, so a shared H stays one matrix. (H + H') is
+    # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.
+    H2 = H.detach() + H.detach().transpose(-1, -2)
     if check_symmetry:
-        asym = (H - H.transpose(-1, -2)).abs().amax()
-        scale = H.abs().amax().clamp_min(1.0)
+        asym = torch.linalg.vector_norm(torch.sub(H2, H.detach(), alpha=2.0), float("inf"))
+        scale = torch.linalg.vector_norm(H.detach(), float("inf")).clamp_min(1.0)
         tol = torch.finfo(dtype).eps ** 0.5
         if asym > tol * scale:
             raise ValueError(f"H is not symmetric: max |H - H'| = {float(asym):.3g}")
+    H = H2.mul_(0.5)
 
     def batch(t: Tensor | None, core_shape: tuple, fill: float = 0.0) -> Tensor:
         if t is None:
@@ -169,10 +180,8 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
 
     p = A.shape[-2] if A is not None else 0
     m = C.shape[-2] if C is not None else 0
-    Hb = batch(H, (n, n))
-    Hb = 0.5 * (Hb + Hb.transpose(-1, -2))
     return QPProblem(
-        H=Hb,
+        H=batch(H, (n, n)),
         g=batch(g, (n,)),
         A=batch(A, (p, n)),
         b=batch(b, (p,)),
@@ -202,55 +211,64 @@ class Scaling:
         return Scaling(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
-def _col_inf_norm(M: Tensor) -> Tensor:
-    """(B,r,n) -> (B,n): the infinity norm of each column (0 for r == 0)."""
-    if M.shape[-2] == 0:
-        return M.new_zeros(M.shape[0], M.shape[-1])
-    return M.abs().amax(dim=-2)
-
-
-def _row_inf_norm(M: Tensor) -> Tensor:
-    """(B,r,n) -> (B,r): the infinity norm of each row (0 for n == 0)."""
-    if M.shape[-1] == 0:
-        return M.new_zeros(M.shape[:-1])
-    return M.abs().amax(dim=-1)
-
-
-def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool) -> tuple[QPProblem, Scaling]:
+def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol: float = 1e-3) -> tuple[QPProblem, Scaling]:
     """Ruiz equilibration of the KKT matrix [[H, A', C'], [A, 0, 0], [C, 0, 0]] plus cost scaling.
 
     Each sweep divides every column and row by the square root of its infinity norm, which drives
-    all of them toward 1. With ``scale_rows=False`` only the columns (and the cost) are scaled.
+    all of them toward 1; the sweeps stop early once every norm is within ``tol`` of 1. With
+    ``scale_rows=False`` only the columns (and the cost) are scaled.
 
     Returns:
         The scaled problem (same shapes) and its :class:`Scaling`.
     """
     H, g, A, b, C, l, u = (problem.H, problem.g, problem.A, problem.b, problem.C, problem.l, problem.u)
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
-    ones = lambda k: H.new_ones(B, k)
-    D, E, F = ones(n), ones(p), ones(m)
-    Hs, As, Cs = H, A, C
-    tiny = torch.finfo(H.dtype).eps
+    dtype = H.dtype
+    tiny = torch.finfo(dtype).eps
+    # Any positive diagonal is a valid scaling, so the sweeps need magnitudes to a few digits
+    # only: they run on single-precision copies of |H|, |A|, |C|, scaled in place, and the data
+    # are scaled once at the end. (Sweeping the full-precision matrices cost as much as the
+    # whole solve of a mid-sized batch.)
+    work = torch.float32 if dtype == torch.float64 else dtype
+    big = torch.finfo(work).max
+
+    def magnitudes(M: Tensor) -> Tensor:
+        return M.abs().to(work).clamp_(max=big)
 
     def safe(v: Tensor) -> Tensor:
         # A zero row or column stays unscaled instead of being blown up.
         return torch.where(v > tiny, v, torch.ones_like(v)).rsqrt()
 
+    D, E, F = (torch.ones(B, k, dtype=work, device=H.device) for k in (n, p, m))
+    absH = magnitudes(H) if iterations > 0 else None
+    absA = magnitudes(A) if iterations > 0 and p > 0 else None
+    absC = magnitudes(C) if iterations > 0 and m > 0 else None
     for _ in range(iterations):
-        col = torch.maximum(_col_inf_norm(Hs), torch.maximum(_col_inf_norm(As), _col_inf_norm(Cs)))
+        col = absH.amax(dim=-2) if n > 0 else D.new_zeros(B, 0)  # H is symmetric: rows = columns
+        for M in (absA, absC):
+            if M is not None and n > 0:
+                col = torch.maximum(col, M.amax(dim=-2))
+        rowA = absA.amax(dim=-1) if scale_rows and absA is not None and n > 0 else None
+        rowC = absC.amax(dim=-1) if scale_rows and absC is not None and n > 0 else None
+        norms = [v for v in (col, rowA, rowC) if v is not None and v.numel() > 0]
+        if norms and max(float(((v - 1).abs() * (v > tiny)).amax()) for v in norms) <= tol:
+            break
         dD = safe(col)
-        if scale_rows:
-            dE, dF = safe(_row_inf_norm(As)), safe(_row_inf_norm(Cs))
-        else:
-            dE, dF = ones(p), ones(m)
-        D, E, F = D * dD, E * dE, F * dF
-        Hs = dD.unsqueeze(-1) * Hs * dD.unsqueeze(-2)
-        As = dE.unsqueeze(-1) * As * dD.unsqueeze(-2)
-        Cs = dF.unsqueeze(-1) * Cs * dD.unsqueeze(-2)
+        dE = safe(rowA) if rowA is not None else None
+        dF = safe(rowC) if rowC is not None else None
+        D.mul_(dD)
+        absH.mul_(dD.unsqueeze(-1)).mul_(dD.unsqueeze(-2))
+        for M, dR, R in ((absA, dE, E), (absC, dF, F)):
+            if M is not None:
+                M.mul_(dD.unsqueeze(-2))
+                if dR is not None:
+                    M.mul_(dR.unsqueeze(-1))
+                    R.mul_(dR)
 
+    D, E, F = D.to(dtype), E.to(dtype), F.to(dtype)
     gs = D * g
     if iterations > 0:
-        mean_col = _col_inf_norm(Hs).mean(dim=-1) if n > 0 else H.new_zeros(B)
+        mean_col = absH.amax(dim=-2).to(dtype).mean(dim=-1) if n > 0 else H.new_zeros(B)
         gnorm = gs.abs().amax(dim=-1) if n > 0 else H.new_zeros(B)
         c = 1.0 / torch.maximum(mean_col, gnorm).clamp(min=1e-4, max=1e4)
         c = torch.where(torch.maximum(mean_col, gnorm) > tiny, c, torch.ones_like(c))
@@ -258,11 +276,11 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool) -> t
         c = H.new_ones(B)
     scaled = replace(
         problem,
-        H=c[:, None, None] * Hs,
+        H=(H * (c.unsqueeze(-1) * D).unsqueeze(-1)).mul_(D.unsqueeze(-2)),
         g=c[:, None] * gs,
-        A=As,
+        A=(A * E.unsqueeze(-1)).mul_(D.unsqueeze(-2)),
         b=E * b,
-        C=Cs,
+        C=(C * F.unsqueeze(-1)).mul_(D.unsqueeze(-2)),
         l=F * l,
         u=F * u,
     )
