@@ -56,7 +56,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.linalg import inf_norm
+from alqp.linalg import cholesky_solve_rows, inf_norm, magnitudes, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -98,16 +98,6 @@ def default_active_tol(dtype: torch.dtype, settings: Optional[Settings] = None) 
     return max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
 
 
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    """(B,r,k) @ (B,k) -> (B,r)."""
-    return torch.matmul(M, v.unsqueeze(-1)).squeeze(-1)
-
-
-def _mtv(M: Tensor, v: Tensor) -> Tensor:
-    """(B,r,k)' @ (B,r) -> (B,k)."""
-    return torch.matmul(v.unsqueeze(-2), M).squeeze(-2)
-
-
 def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Tensor, status: Tensor,
                   tol: float) -> ActiveSet:
     """Decide the active and violated inequality rows of each solution.
@@ -128,18 +118,19 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Ten
     fin_l, fin_u = torch.isfinite(l), torch.isfinite(u)
     zero = torch.zeros_like(l)
     bound_size = torch.maximum(torch.where(fin_l, l.abs(), zero), torch.where(fin_u, u.abs(), zero))
-    row_scale = 1.0 + _mv(C.abs(), x.abs()) + bound_size
+    absC = C.abs()
+    row_scale = 1.0 + vm(x.abs(), absC.transpose(-1, -2)) + bound_size
     ptol = tol * row_scale
-    r = _mv(C, x) - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
+    r = vm(x, C.transpose(-1, -2)) - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
     on_u = fin_u & ((r - torch.where(fin_u, u, zero)).abs() <= ptol)
     on_l = fin_l & ((r - torch.where(fin_l, l, zero)).abs() <= ptol)
 
     feasible = status == int(Status.SOLVED)
     shifted = status == int(Status.CLOSEST_FEASIBLE)
     dual_scale = 1.0 + torch.stack([
-        inf_norm(_mv(problem.H, x)), inf_norm(problem.g), inf_norm(_mtv(problem.A, y)), inf_norm(_mtv(C, z)),
+        inf_norm(vm(x, problem.H)), inf_norm(problem.g), inf_norm(vm(y, problem.A)), inf_norm(vm(z, C)),
     ]).amax(0)
-    row_norm = C.abs().amax(-1) if C.shape[-1] > 0 else zero
+    row_norm = absC.amax(-1) if C.shape[-1] > 0 else zero
     tiny = torch.finfo(x.dtype).tiny
     z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(tiny)
     z_up, z_lo = z > z_tol, z < -z_tol
@@ -238,15 +229,15 @@ def lstsq_min_norm(M: Tensor, rhs: Tensor, rel_reg: float = 1e-10, max_refine: i
     normal_tol = 1e-13 * K * m_size * r_size
     running = torch.ones(B, dtype=torch.bool, device=M.device)
     for _ in range(max_refine):
-        res = r - _mv(Ms, v)
-        normal = _mv(Mt, res)
+        res = r - vm(v, Mt)
+        normal = vm(res, Ms)
         running = running & (normal.abs().amax(-1) > normal_tol)
         if not bool(running.any()):
             break
         if primal:
-            step = torch.cholesky_solve(normal.unsqueeze(-1), L).squeeze(-1)
+            step = cholesky_solve_rows(L, normal)
         else:
-            step = _mv(Mt, torch.cholesky_solve(res.unsqueeze(-1), L).squeeze(-1))
+            step = vm(cholesky_solve_rows(L, res), Ms)
         v = v + torch.where(running.unsqueeze(-1), step, torch.zeros_like(step))
         running = running & (step.abs().amax(-1) > 1e-14 * v.abs().amax(-1))
     return d_c * v
@@ -273,49 +264,64 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
         w1 (B,n), w2 (B,k), and solved (B,) bool.
     """
     B, n = r1.shape
-    absH, absG = H.abs(), G.abs()
-    d1, d2 = H.new_ones(B, n), H.new_ones(B, G.shape[1])
+    k = G.shape[1]
+    # Symmetric scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]], computed on single-precision
+    # magnitude copies scaled in place (see alqp.problem.ruiz_equilibrate).
+    absH, absG = magnitudes(H), magnitudes(G)
+    d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
 
     def safe_rsqrt(norm: Tensor) -> Tensor:
         return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
 
-    for _ in range(equilibrate_iter):
-        # Symmetric scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]]: row norms, block by block.
-        col_G = (absG * d2.unsqueeze(-1)).amax(-2) if G.shape[1] else torch.zeros_like(d1)
-        n1 = d1 * torch.maximum((absH * d1.unsqueeze(-2)).amax(-1), col_G)
-        n2 = d2 * (absG * d1.unsqueeze(-2)).amax(-1) if n else torch.zeros_like(d2)
-        d1, d2 = d1 * safe_rsqrt(n1), d2 * safe_rsqrt(n2)
-    Hs = H * d1.unsqueeze(-1) * d1.unsqueeze(-2)
-    Gs = G * d2.unsqueeze(-1) * d1.unsqueeze(-2)
+    for _ in range(equilibrate_iter if n else 0):
+        row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
+        e1 = safe_rsqrt(row1)
+        e2 = safe_rsqrt(absG.amax(-1)) if k else d2
+        d1.mul_(e1)
+        absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+        if k:
+            d2.mul_(e2)
+            absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+    d1, d2 = d1.to(H.dtype), d2.to(H.dtype)
+    Hs = (H * d1.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
+    Gs = (G * d2.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
     r1s, r2s = d1 * r1, d2 * r2
-    scale = torch.maximum(inf_norm(Hs.flatten(1)), inf_norm(Gs.flatten(1)))
+    scale = torch.maximum(absH.flatten(1).amax(-1), absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)).to(H.dtype) \
+        if n else H.new_zeros(B)
     delta = (rel_reg * scale.clamp_min(1.0)).unsqueeze(-1)
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    K = Hs.clone()
-    K.diagonal(dim1=-2, dim2=-1).add_(delta)
-    K = torch.baddbmm(K, Gs.transpose(-1, -2) / delta.unsqueeze(-1), Gs)
+    # delta * (Hs + delta I + Gs'Gs/delta): the per-problem delta scales the matrix instead of Gs,
+    # so the product accumulates in place; its solves are delta times K's inverse.
+    K = Hs * delta.unsqueeze(-1)
+    K.diagonal(dim1=-2, dim2=-1).add_(delta * delta)
+    GsT = Gs.transpose(-1, -2).contiguous()
+    K.baddbmm_(GsT, Gs)
     L, info = torch.linalg.cholesky_ex(K)
+    del K
     factored = info == 0
     if not bool(factored.all()):
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
         L = torch.where(factored[:, None, None], L, eye.expand_as(L))
 
     v1, v2 = torch.zeros_like(r1s), torch.zeros_like(r2s)
+    Gv1 = torch.zeros_like(r2s)  # Gs v1, carried along instead of recomputed
+    res1, res2 = r1s, r2s
     solved = torch.zeros(B, dtype=torch.bool, device=H.device)
     size = torch.maximum(inf_norm(r1s), inf_norm(r2s))
     for step in range(max_refine + 1):
-        Gv1 = _mv(Gs, v1)
-        res1 = r1s - _mv(Hs, v1) - _mtv(Gs, v2)
-        res2 = r2s - Gv1
+        if step:
+            res1 = r1s - vm(v1, Hs) - vm(v2, Gs)
+            res2 = r2s - Gv1
         v_size = torch.maximum(inf_norm(v1), inf_norm(v2))
-        tol = 1e-13 * (n + G.shape[1]) * (scale * v_size + size)
+        tol = 1e-13 * (n + k) * (scale * v_size + size)
         solved = factored & (torch.maximum(inf_norm(res1), inf_norm(res2)) <= tol)
         if bool(solved.all()) or step == max_refine:
             break
         move = (factored & ~solved).unsqueeze(-1)
-        dv1 = torch.cholesky_solve((res1 + _mtv(Gs, res2) / delta).unsqueeze(-1), L).squeeze(-1)
-        dv2 = (_mv(Gs, dv1) - res2) / delta
-        v1 = v1 + torch.where(move, dv1, torch.zeros_like(dv1))
-        v2 = v2 + torch.where(move, dv2, torch.zeros_like(dv2))
+        dv1 = cholesky_solve_rows(L, delta * res1 + vm(res2, Gs))
+        dv1 = torch.where(move, dv1, torch.zeros_like(dv1))
+        Gdv1 = vm(dv1, GsT)
+        dv2 = torch.where(move, (Gdv1 - res2) / delta, torch.zeros_like(res2))
+        v1, v2, Gv1 = v1 + dv1, v2 + dv2, Gv1 + Gdv1
     return d1 * v1, d2 * v2, solved
 
 
@@ -419,8 +425,9 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     ok = act.feasible | act.shifted
     # Keep non-finite values of problems that get no gradient out of the arithmetic.
     fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
-    x, y, z, s_eq, s_in = map(fin, (x, y, z, s_eq, s_in))
-    gx, gy, gz, gse, gsi = map(fin, (gx, gy, gz, gse, gsi))
+    if not bool(ok.all()):
+        x, y, z, s_eq, s_in = map(fin, (x, y, z, s_eq, s_in))
+        gx, gy, gz, gse, gsi = map(fin, (gx, gy, gz, gse, gsi))
 
     w1 = P.H.new_zeros(B, n)
     w2 = P.H.new_zeros(B, p)
@@ -431,9 +438,10 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         idx = group.nonzero().squeeze(-1)
         if idx.numel() == 0:
             continue
-        sub = lambda t: t[idx]  # noqa: E731
+        whole = idx.numel() == B
+        sub = (lambda t: t) if whole else (lambda t: t[idx])  # noqa: E731
         act_g = ActiveSet(*(sub(t) for t in act))
-        P_g = P.select(idx)
+        P_g = P if whole else P.select(idx)
         system = lambda: _adjoint_system(P_g, sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,  # noqa: E731
                                          sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
         if full:
@@ -455,16 +463,22 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         if full:
             w5[idx] = w[:, n + p + m:n + p + m + n]
 
-    outer = lambda a, b: a.unsqueeze(-1) * b.unsqueeze(-2)  # noqa: E731
+    def outer_sum(left: list, right: list) -> Tensor:
+        """sum_j left_j right_j' for (B,r) left_j and (B,c) right_j, as one (B,r,J) @ (B,J,c)
+        product: one pass over the (B,r,c) result instead of one per term."""
+        return torch.bmm(torch.stack(left, -1), torch.stack(right, -2))
+
     s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
     s_in_used = act.violated * s_in
     grads = {
-        "H": -0.5 * (outer(w1, x) + outer(x, w1)),
+        "H": outer_sum([w1, x], [x, w1]).mul_(-0.5),
         "g": -w1,
-        "A": -(outer(y, w1) + outer(w2, x) + outer(s_eq_used, w5)),
+        "A": outer_sum([y, w2, s_eq_used], [w1, x, w5]).neg_(),
         "b": w2,
-        "C": -(outer(z, w1) + outer(w3, x) + outer(s_in_used, w5)),
+        "C": outer_sum([z, w3, s_in_used], [w1, x, w5]).neg_(),
         "l": torch.where(torch.isfinite(P.l), act.lower * w3, torch.zeros_like(w3)),
         "u": torch.where(torch.isfinite(P.u), act.upper * w3, torch.zeros_like(w3)),
     }
-    return {k: fin(v).to(out_dtype) for k, v in grads.items()}
+    if not bool(ok.all()):
+        grads = {k: fin(v) for k, v in grads.items()}
+    return {k: v.to(out_dtype) for k, v in grads.items()}

@@ -12,6 +12,37 @@ def inf_norm(v: Tensor) -> Tensor:
     return v.abs().amax(dim=-1)
 
 
+def vm(v: Tensor, M: Tensor) -> Tensor:
+    """Batched row vector times matrix, (B,r) x (B,r,k) -> (B,k). M v is vm(v, M.mT): on CPU this
+    layout is about twice as fast as a (B,r,k) @ (B,k,1) product, also with a transposed view M.mT."""
+    return torch.matmul(v.unsqueeze(-2), M).squeeze(-2)
+
+
+def cholesky_solve_rows(L: Tensor, rhs: Tensor) -> Tensor:
+    """Solve (L L') x = rhs: L (B,n,n) lower-triangular Cholesky factor, rhs (B,n) -> x (B,n).
+
+    Two triangular solves on row vectors; on CPU torch.cholesky_solve costs several times as much
+    for the same result (it copies the factor on every call)."""
+    r = torch.linalg.solve_triangular(L.mT, rhs.unsqueeze(-2), upper=True, left=False)
+    return torch.linalg.solve_triangular(L, r, upper=False, left=False).squeeze(-2)
+
+
+def max_abs(t: Tensor) -> Tensor:
+    """The largest |entry| of a whole tensor (0 when empty). One fused min/max pass: several times
+    faster on CPU than t.abs().amax(), which writes a temporary of t's size."""
+    if t.numel() == 0:
+        return t.new_zeros(())
+    low, high = torch.aminmax(t)
+    return torch.maximum(-low, high)
+
+
+def magnitudes(M: Tensor) -> Tensor:
+    """|M| in single precision (float64 input) or M's own precision, overflow clipped: enough for
+    equilibration, whose scalings need a few digits only, at half the memory traffic."""
+    work = torch.float32 if M.dtype == torch.float64 else M.dtype
+    return M.abs().to(work).clamp_(max=torch.finfo(work).max)
+
+
 def cholesky_solve_refined(K: Tensor, rhs: Tensor, refinements: int = 1) -> tuple[Tensor, Tensor]:
     """Solve K x = rhs for a batch of symmetric positive-definite K, with iterative refinement.
 
@@ -29,12 +60,11 @@ def cholesky_solve_refined(K: Tensor, rhs: Tensor, refinements: int = 1) -> tupl
     if not bool(ok.all()):
         eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
         L = torch.where(ok[:, None, None], L, eye.expand_as(L))
-    b = rhs.unsqueeze(-1)
-    x = torch.cholesky_solve(b, L)
+    x = cholesky_solve_rows(L, rhs)
     for _ in range(refinements):
-        x = x + torch.cholesky_solve(b - torch.matmul(K, x), L)
-    x = torch.where(ok[:, None, None], x, torch.zeros_like(x))
-    return x.squeeze(-1), ok
+        x = x + cholesky_solve_rows(L, rhs - vm(x, K.mT))
+    x = torch.where(ok.unsqueeze(-1), x, torch.zeros_like(x))
+    return x, ok
 
 
 def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int = 4) -> Tensor:
@@ -59,8 +89,9 @@ def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int =
     reg = (torch.finfo(G.dtype).eps ** 0.75) * diag_max
     eye = torch.eye(N.shape[-1], dtype=G.dtype, device=G.device)
     L, _ = torch.linalg.cholesky_ex(N + reg.unsqueeze(-1) * eye)
-    d = G.new_zeros(G.shape[0], G.shape[-1], 1)
+    d = G.new_zeros(G.shape[0], G.shape[-1])
+    GmT = Gm.transpose(-1, -2)
     for _ in range(refinements + 1):
-        res = rm - torch.matmul(Gm, d).squeeze(-1)
-        d = d + torch.cholesky_solve(torch.matmul(Gm.transpose(-1, -2), res.unsqueeze(-1)), L)
-    return (rm - torch.matmul(Gm, d).squeeze(-1)) * mask
+        res = rm - vm(d, GmT)
+        d = d + cholesky_solve_rows(L, vm(res, Gm))
+    return (rm - vm(d, GmT)) * mask

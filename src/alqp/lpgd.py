@@ -113,6 +113,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from alqp.linalg import vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 from alqp.solver import QPSolution, solve_problem
@@ -173,16 +174,6 @@ def _outer(a: Tensor, b: Tensor) -> Tensor:
     return a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-def _mtv(M: Tensor, v: Tensor) -> Tensor:
-    """(B,r,k)' @ (B,r) -> (B,k)."""
-    return torch.matmul(v.unsqueeze(-2), M).squeeze(-2)
-
-
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    """(B,r,k) @ (B,k) -> (B,r)."""
-    return torch.matmul(M, v.unsqueeze(-1)).squeeze(-1)
-
-
 def lagrangian_data_gradient(x: Tensor, y: Tensor, z: Tensor, above: Optional[Tensor] = None,
                              below: Optional[Tensor] = None) -> dict:
     """q(v) = grad_theta L(x, y, z; theta) for theta = (H, g, A, b, C, l, u).
@@ -231,7 +222,7 @@ def violated_rows(problem: QPProblem, solution: QPSolution,
     zero = torch.zeros_like(s)
     bound = torch.maximum(torch.where(torch.isfinite(l), l.abs(), zero),
                           torch.where(torch.isfinite(u), u.abs(), zero))
-    tol = eps ** 0.5 * (1.0 + _mv(problem.C.abs(), solution.x.abs()) + bound)
+    tol = eps ** 0.5 * (1.0 + vm(solution.x.abs(), problem.C.abs().transpose(-1, -2)) + bound)
     shifted = (solution.status == int(Status.CLOSEST_FEASIBLE)).unsqueeze(-1)
     above = shifted & (s > tol)
     below = shifted & (s < -tol)
@@ -334,7 +325,7 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
     above, below = violated_rows(problem, solution, settings)
     gse = torch.where(shifted.unsqueeze(-1), gse, torch.zeros_like(gse))
     gsi = (above + below) * gsi
-    gx_eff = gx + _mtv(problem.A, gse) + _mtv(problem.C, gsi)
+    gx_eff = gx + vm(gse, problem.A) + vm(gsi, problem.C)
 
     # Only problems that have a solution and some incoming gradient are re-solved.
     nonzero = _row_max((gx_eff, gy, gz), B) > 0

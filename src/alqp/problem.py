@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from alqp.linalg import magnitudes, max_abs
+
 ARG_NAMES = ("H", "g", "A", "b", "C", "l", "u")
 # Number of trailing (per-problem) dimensions of each argument.
 _CORE_NDIM = {"H": 2, "g": 1, "A": 2, "b": 1, "C": 2, "l": 1, "u": 1}
@@ -163,8 +165,8 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
     # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.
     H2 = H.detach() + H.detach().transpose(-1, -2)
     if check_symmetry:
-        asym = torch.linalg.vector_norm(torch.sub(H2, H.detach(), alpha=2.0), float("inf"))
-        scale = torch.linalg.vector_norm(H.detach(), float("inf")).clamp_min(1.0)
+        asym = max_abs(torch.sub(H2, H.detach(), alpha=2.0))
+        scale = max_abs(H.detach()).clamp_min(1.0)
         tol = torch.finfo(dtype).eps ** 0.5
         if asym > tol * scale:
             raise ValueError(f"H is not symmetric: max |H - H'| = {float(asym):.3g}")
@@ -229,16 +231,11 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
     # only: they run on single-precision copies of |H|, |A|, |C|, scaled in place, and the data
     # are scaled once at the end. (Sweeping the full-precision matrices cost as much as the
     # whole solve of a mid-sized batch.)
-    work = torch.float32 if dtype == torch.float64 else dtype
-    big = torch.finfo(work).max
-
-    def magnitudes(M: Tensor) -> Tensor:
-        return M.abs().to(work).clamp_(max=big)
-
     def safe(v: Tensor) -> Tensor:
         # A zero row or column stays unscaled instead of being blown up.
         return torch.where(v > tiny, v, torch.ones_like(v)).rsqrt()
 
+    work = torch.float32 if dtype == torch.float64 else dtype
     D, E, F = (torch.ones(B, k, dtype=work, device=H.device) for k in (n, p, m))
     absH = magnitudes(H) if iterations > 0 else None
     absA = magnitudes(A) if iterations > 0 and p > 0 else None

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.linalg import inf_norm, project_out_row_range
+from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, Scaling, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
 
@@ -105,11 +105,6 @@ class _Work:
         index = mask.nonzero().squeeze(-1)
         return _Work(**{k: v[index] for k, v in self.__dict__.items()})
 
-
-def _vm(v: Tensor, M: Tensor) -> Tensor:
-    """Batched row vector times matrix, (B,r) x (B,r,k) -> (B,k): the fast layout for torch.matmul
-    (a (B,r,k) @ (B,k,1) product is several times slower on CPU)."""
-    return torch.matmul(v.unsqueeze(-2), M).squeeze(-2)
 
 
 def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
@@ -246,7 +241,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         return (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
 
     for outer in range(settings.max_iter + 1):
-        Hx, Gx = _vm(w.x, w.H), _vm(w.x, w.GT)
+        Hx, Gx = vm(w.x, w.H), vm(w.x, w.GT)
         primal, natural, dual, infeas, pscale, dscale, roundoff, r = _residuals(w, is_eq, Hx, Gx)
         eps_p = eps_abs + eps_rel * pscale
         # The dual residual cannot be computed more accurately than its round-off bound.
@@ -318,7 +313,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
 
         broken = ~inner_ok
         if (unbounded | broken).any():
-            Hx, Gx = _vm(w.x, w.H), _vm(w.x, w.GT)
+            Hx, Gx = vm(w.x, w.H), vm(w.x, w.GT)
             r = _residuals(w, is_eq, Hx, Gx)[-1]
             status = torch.where(unbounded, int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL_ERROR))
             w = finish(w, unbounded | broken, status, r)
@@ -346,12 +341,12 @@ def _residuals(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor):
     r = (Gx - torch.clamp(Gx, w.lo, w.hi)) / w.R
     primal = inf_norm(r)
     natural = inf_norm((Gx - torch.clamp(Gx + mult, w.lo, w.hi)) / w.R)
-    GTm = _vm(mult, w.G)
+    GTm = vm(mult, w.G)
     unscale = 1.0 / (w.c.unsqueeze(-1) * w.D)
     dual = inf_norm((Hx + w.g + GTm) * unscale)
     # Stationarity of the squared violation in the metric the iterations minimize (the scaled
     # rows; the caller's metric whenever closest_feasible is on, since rows are then unscaled).
-    infeas = inf_norm(_vm(r * w.R, w.G) / w.D)
+    infeas = inf_norm(vm(r * w.R, w.G) / w.D)
     bounds = torch.where(is_eq, w.lo, torch.zeros_like(w.lo))
     primal_scale = torch.maximum(inf_norm(Gx / w.R), inf_norm(bounds / w.R))
     # The multipliers are residuals divided by the penalties (y = y_k + (A x - b)/mu_eq), so the
@@ -359,8 +354,8 @@ def _residuals(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor):
     # infeasible QP grow.
     mu = torch.where(is_eq, w.mu_eq.unsqueeze(-1), w.mu_in.unsqueeze(-1))
     bound = torch.where(mult > 0, w.hi, torch.where(mult < 0, w.lo, torch.zeros_like(w.lo)))
-    mult_err = mult.abs() + (_vm(w.x.abs(), w.absGT) + bound.abs().nan_to_num(0.0, 0.0, 0.0)) / mu
-    roundoff = inf_norm(_vm(mult_err, w.absG) * unscale)
+    mult_err = mult.abs() + (vm(w.x.abs(), w.absGT) + bound.abs().nan_to_num(0.0, 0.0, 0.0)) / mu
+    roundoff = inf_norm(vm(mult_err, w.absG) * unscale)
     dual_scale = torch.stack([inf_norm(Hx * unscale), inf_norm(w.g * unscale), inf_norm(GTm * unscale)]).amax(0)
     return primal, natural, dual, infeas, primal_scale, dual_scale, roundoff, r
 
@@ -370,8 +365,8 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float) -> Tensor:
     size = inf_norm(dx)
     nonzero = size > 0
     d = dx / torch.where(nonzero, size, torch.ones_like(size)).unsqueeze(-1)
-    Hd = inf_norm(_vm(d, w.H))
-    Gd = _vm(d, w.GT)
+    Hd = inf_norm(vm(d, w.H))
+    Gd = vm(d, w.GT)
     # Where hi is finite, G d may not grow; where lo is finite, it may not shrink.
     up = torch.where(torch.isfinite(w.hi), Gd.clamp_min(0), torch.zeros_like(Gd))
     down = torch.where(torch.isfinite(w.lo), (-Gd).clamp_min(0), torch.zeros_like(Gd))
@@ -413,7 +408,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
         mult = dist / mu
         if _ == max_steps:
             break
-        grad = Hx + w.g + rho * (x - x_k) + _vm(mult, w.G)
+        grad = Hx + w.g + rho * (x - x_k) + vm(mult, w.G)
         rows = (dist != 0) | is_eq
         settled = full_step & (rows == last_rows).all(-1)
         active = active & ok & (inf_norm(grad) > w.eta_in) & ~settled
@@ -453,10 +448,10 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             w.factor_valid[sidx] = good
             ok[sidx] = ok[sidx] & good
         ok_a = take(ok)
-        dx = torch.cholesky_solve(-take(grad).unsqueeze(-1), take(w.factor)).squeeze(-1)
+        dx = cholesky_solve_rows(take(w.factor), -take(grad))
         dx = torch.where(ok_a.unsqueeze(-1), dx, torch.zeros_like(dx))
-        Hdx = _vm(dx, take(w.H))
-        Gdx = _vm(dx, take(w.GT))
+        Hdx = vm(dx, take(w.H))
+        Gdx = vm(dx, take(w.GT))
         alpha = _exact_line_search(
             take(w.lo), take(w.hi), is_eq, take(v), Gdx, mu_a,
             a0=(dx * (take(Hx) + take(w.g) + rho * (take(x) - take(x_k)))).sum(-1),
