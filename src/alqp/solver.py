@@ -172,6 +172,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         factor_rows=torch.zeros(B, k, dtype=torch.bool, device=device),
         factor_mu=scaled.H.new_zeros(B, 2),
         factor_valid=torch.zeros(B, dtype=torch.bool, device=device),
+        # The part of the Newton matrix that only the equality penalty changes,
+        # H + rho I + A'A / mu_eq, and the mu_eq it holds (nan: not built yet).
+        newton_eq=scaled.H.new_zeros(B, n, n),
+        newton_eq_mu=scaled.H.new_full((B,), float("nan")),
         **fresh_penalties(B, scaled.H),
     )
     eye = torch.eye(n, dtype=dtype, device=device)
@@ -392,6 +396,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
     """
     x_k, mult_k = w.x, w.mult
     Bw = x_k.shape[0]
+    k, p = is_eq.shape[0], int(is_eq.sum())  # the p equality rows come first
     mu = torch.where(is_eq, w.mu_eq.unsqueeze(-1), w.mu_in.unsqueeze(-1))
     mu_pair = torch.stack([w.mu_eq, w.mu_in], dim=-1)
     x, Hx, Gx = x_k, Hx, Gx
@@ -414,23 +419,38 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
         active = active & ok & (inf_norm(grad) > w.eta_in) & ~settled
         if not bool(active.any()):
             break
-        everyone = bool(active.all())
-        idx = None if everyone else active.nonzero().squeeze(-1)
-        take = (lambda t: t) if everyone else (lambda t: t[idx])
+        # With most problems still stepping, the batch steps whole (the finished ones with dx = 0):
+        # gathering their (n,n) matrices would cost more than the wasted work.
+        dense = 2 * int(active.sum()) >= Bw
+        idx = None if dense else active.nonzero().squeeze(-1)
+        take = (lambda t: t) if dense else (lambda t: t[idx])
         rows_a, mu_a, mu_pair_a = take(rows), take(mu), take(mu_pair)
 
         # Refactor only where the active set or the penalties changed since the last factorization.
         stale = ~(take(w.factor_valid) & (take(w.factor_rows) == rows_a).all(-1) & (take(w.factor_mu) == mu_pair_a).all(-1))
+        if dense:
+            stale = stale & active
         if bool(stale.any()):
-            sidx = stale.nonzero().squeeze(-1) if everyone else idx[stale]
+            sidx = stale.nonzero().squeeze(-1) if dense else idx[stale]
             # (B,n,n) passes cost about half a batched product here: gather only when needed,
             # add rho on the diagonal in place and accumulate the product into that copy.
             all_stale = sidx.numel() == w.x.shape[0]
             pick = (lambda t: t) if all_stale else (lambda t: t[sidx])
-            weights = (pick(rows).to(x.dtype) / pick(mu)).unsqueeze(-2)
-            K = w.H.clone() if all_stale else w.H[sidx]
-            K.diagonal(dim1=-2, dim2=-1).add_(rho)
-            K = torch.baddbmm(K, pick(w.GT) * weights, pick(w.G))
+            # The equality rows are always in the Newton matrix: their product is rebuilt only
+            # when mu_eq changes, and a step adds just the active inequality rows to it.
+            rebuild = pick(w.newton_eq_mu) != pick(w.mu_eq)
+            if bool(rebuild.any()):
+                ridx = sidx[rebuild]
+                K_eq = w.H[ridx]
+                K_eq.diagonal(dim1=-2, dim2=-1).add_(rho)
+                if p:
+                    K_eq.baddbmm_(w.GT[ridx, :, :p] / w.mu_eq[ridx, None, None], w.G[ridx, :p])
+                w.newton_eq[ridx] = K_eq
+                w.newton_eq_mu[ridx] = w.mu_eq[ridx]
+            K = w.newton_eq.clone() if all_stale else w.newton_eq[sidx]
+            if p < k:
+                weights = (pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)).unsqueeze(-2)
+                K.baddbmm_(pick(w.GT)[:, :, p:] * weights, pick(w.G)[:, p:])
             L, info = torch.linalg.cholesky_ex(K)
             good = info == 0
             if not bool(good.all()):
@@ -442,14 +462,18 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
                 L_bad, info_bad = torch.linalg.cholesky_ex(K[bad] + delta[:, None, None] * eye)
                 L[bad] = L_bad
                 good[bad] = info_bad == 0
-            w.factor[sidx] = L if bool(good.all()) else torch.where(good[:, None, None], L, eye.expand_as(L))
+            L = L if bool(good.all()) else torch.where(good[:, None, None], L, eye.expand_as(L))
+            if all_stale:
+                w.factor = L
+            else:
+                w.factor[sidx] = L
             w.factor_rows[sidx] = rows[sidx]
             w.factor_mu[sidx] = mu_pair[sidx]
             w.factor_valid[sidx] = good
             ok[sidx] = ok[sidx] & good
-        ok_a = take(ok)
+        moving = take(ok) & active if dense else take(ok)
         dx = cholesky_solve_rows(take(w.factor), -take(grad))
-        dx = torch.where(ok_a.unsqueeze(-1), dx, torch.zeros_like(dx))
+        dx = torch.where(moving.unsqueeze(-1), dx, torch.zeros_like(dx))
         Hdx = vm(dx, take(w.H))
         Gdx = vm(dx, take(w.GT))
         alpha = _exact_line_search(
@@ -458,11 +482,13 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             a1=(dx * Hdx).sum(-1) + rho * (dx * dx).sum(-1),
         )
         step = alpha.unsqueeze(-1)
-        if everyone:
+        if dense:
+            step = torch.where(moving.unsqueeze(-1), step, torch.zeros_like(step))
             x, Hx, Gx = x + step * dx, Hx + step * Hdx, Gx + step * Gdx
+            # (A finished problem never steps again, so its full_step and last_rows are moot.)
             full_step = (alpha - 1).abs() <= 1e-6
             last_rows = rows
-            steps = steps + 1
+            steps = steps + active.to(steps.dtype)
         else:
             # (index_put, not index_add: the latter is many times slower on CPU here.)
             x = x.index_put((idx,), x[idx] + step * dx)
