@@ -75,6 +75,9 @@ def test_end_to_end_quick_preset_writes_json_and_png(tmp_path, capsys):
     png = tmp_path / "backward-quick.png"
     if any(r["status"] == "ok" for r in data["records"]):
         assert png.exists() and png.stat().st_size > 1000
+    # The malloc setting of the run is recorded (glibc: kept freed memory; elsewhere: default).
+    glibc = sys.platform.startswith("linux") and harness.keep_freed_memory() is not None
+    assert data["environment"]["malloc"] == (harness.keep_freed_memory() if glibc else "default")
 
 
 def test_forward_mode_runs_alqp_and_skips_backward_only_methods():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import alqp
+from alqp.bench.harness import keep_freed_memory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import SudokuData, board_errors, decode, load_or_generate, sudoku_constraints  # noqa: E402
@@ -219,11 +220,14 @@ def parse_args(argv: Optional[list] = None):
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="train nothing: combine the models of these sudoku.json files (e.g. runs made in "
                         "parallel processes) into <out>/sudoku.json and sudoku.png, and print the table")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (by default freed memory stays in the process: "
+                        "see alqp.bench.harness.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.demo:
-        args.train, args.test, args.epochs, args.eps_abs, args.lr = 1500, 300, 3, 1e-6, 0.05
-        if args.out == "results/sudoku":
-            args.out = "results/sudoku-demo"
+        # The demo's values are defaults: options given on the command line still win.
+        p.set_defaults(train=1500, test=300, epochs=3, eps_abs=1e-6, lr=0.05, out="results/sudoku-demo")
+        args = p.parse_args(argv)
     return args
 
 
@@ -251,6 +255,8 @@ def main(argv: Optional[list] = None) -> dict:
     if args.merge:
         return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        keep_freed_memory()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in names:
         if name not in MODEL_NAMES:
