@@ -307,17 +307,21 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
     res1, res2 = r1s, r2s
     solved = torch.zeros(B, dtype=torch.bool, device=H.device)
     size = torch.maximum(inf_norm(r1s), inf_norm(r2s))
+    GtRes2 = vm(res2, Gs)
     for step in range(max_refine + 1):
         if step:
-            res1 = r1s - vm(v1, Hs) - vm(v2, Gs)
             res2 = r2s - Gv1
+            # Gs'v2 and Gs'res2 in one pass over Gs.
+            Gt_both = torch.matmul(torch.stack([v2, res2], -2), Gs)
+            res1 = r1s - vm(v1, Hs) - Gt_both[:, 0]
+            GtRes2 = Gt_both[:, 1]
         v_size = torch.maximum(inf_norm(v1), inf_norm(v2))
         tol = 1e-13 * (n + k) * (scale * v_size + size)
         solved = factored & (torch.maximum(inf_norm(res1), inf_norm(res2)) <= tol)
         if bool(solved.all()) or step == max_refine:
             break
         move = (factored & ~solved).unsqueeze(-1)
-        dv1 = cholesky_solve_rows(L, delta * res1 + vm(res2, Gs))
+        dv1 = cholesky_solve_rows(L, delta * res1 + GtRes2)
         dv1 = torch.where(move, dv1, torch.zeros_like(dv1))
         Gdv1 = vm(dv1, GsT)
         dv2 = torch.where(move, (Gdv1 - res2) / delta, torch.zeros_like(res2))
