@@ -75,9 +75,18 @@ def test_end_to_end_quick_preset_writes_json_and_png(tmp_path, capsys):
     png = tmp_path / "backward-quick.png"
     if any(r["status"] == "ok" for r in data["records"]):
         assert png.exists() and png.stat().st_size > 1000
-    # The malloc setting of the run is recorded (glibc: kept freed memory; elsewhere: default).
-    glibc = sys.platform.startswith("linux") and harness.keep_freed_memory() is not None
-    assert data["environment"]["malloc"] == (harness.keep_freed_memory() if glibc else "default")
+    assert data["environment"]["allocator"] == ("default" if not harness.allocator_tuned() else
+                                                 "huge pages, freed memory kept (ALLOCATOR_ENV)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator settings are for Linux (glibc, THP)")
+def test_command_line_reruns_itself_with_the_allocator_settings(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in harness.ALLOCATOR_ENV}
+    subprocess.run([sys.executable, "-m", "alqp.bench", "--preset", "forward", "--quick", "--peers", "alqp",
+                    "--threads", "1", "--no-plot", "--quiet", "--out", str(tmp_path)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    data = json.loads((tmp_path / "forward-quick.json").read_text())
+    assert data["environment"]["allocator"] != "default"
 
 
 def test_forward_mode_runs_alqp_and_skips_backward_only_methods():

@@ -18,8 +18,28 @@ ARG_NAMES = ("H", "g", "A", "b", "C", "l", "u")
 _CORE_NDIM = {"H": 2, "g": 1, "A": 2, "b": 1, "C": 2, "l": 1, "u": 1}
 
 
+class BatchShape:
+    """Sizes of a batch of QPs stored as tensors H (B,n,n), A (B,p,n), C (B,m,n)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.H.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.H.shape[-1]
+
+    @property
+    def p(self) -> int:
+        return self.A.shape[-2]
+
+    @property
+    def m(self) -> int:
+        return self.C.shape[-2]
+
+
 @dataclass
-class QPProblem:
+class QPProblem(BatchShape):
     """A batch of QPs, every tensor carrying the batch dimension B (expanded views for shared data).
 
     Attributes:
@@ -39,22 +59,6 @@ class QPProblem:
     u: Tensor
     batched: dict
     unbatched: bool
-
-    @property
-    def batch_size(self) -> int:
-        return self.H.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.H.shape[-1]
-
-    @property
-    def p(self) -> int:
-        return self.A.shape[-2]
-
-    @property
-    def m(self) -> int:
-        return self.C.shape[-2]
 
     def tensors(self) -> dict:
         return {name: getattr(self, name) for name in ARG_NAMES}

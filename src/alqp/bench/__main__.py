@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from alqp.bench.harness import PRESETS, RunOptions, keep_freed_memory, make_preset, run_preset
+from alqp.bench.harness import PRESETS, RunOptions, rerun_with_tuned_allocator, make_preset, run_preset
 from alqp.bench.peers import ALL_METHODS, DEFAULT_METHODS
 from alqp.bench.report import format_table, plot, write_json
 
@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc settings alone (by default the run keeps freed memory "
-                             "in the process, for every method: see alqp.bench.harness.keep_freed_memory)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="run under the default memory allocator settings (by default the command re-runs "
+                             "itself with transparent huge pages and freed memory kept, for every method: see "
+                             "alqp.bench.harness.ALLOCATOR_ENV)")
     return parser
 
 
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
                          max_seconds_per_point=args.max_seconds,
                          cvxpylayers_max_batch=args.cvxpylayers_max_batch,
                          cvxpylayers_max_n=args.cvxpylayers_max_n)
-    if not args.default_malloc:
-        keep_freed_memory()
+    if argv is None and not args.default_allocator:
+        rerun_with_tuned_allocator()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     start = time.perf_counter()
     result = run_preset(preset, peers, options, log=log)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -255,35 +256,35 @@ def _reference_name_or_none() -> Optional[str]:
         return None
 
 
-# What keep_freed_memory() changed in this process (None: nothing).
-_MALLOC_SETTING: Optional[str] = None
+# Allocator settings under which large temporaries are cheap. By default a tensor of 2 MB or more
+# (a (100, 100, 100) float64 batch is 8 MB, at batch 1024 80 MB) comes fresh from mmap in 4 KB
+# pages and is unmapped when freed, so every such temporary page-faults anew: on the 2-core
+# benchmark machine allocating and filling 80 MB took 50 ms in 4 KB pages and 10 ms in huge pages,
+# and the torch-based methods spent 10-30% of their time there. THP_MEM_ALLOC_ENABLE makes torch
+# ask for transparent huge pages; the MALLOC_* variables make glibc keep freed blocks of up to 32
+# MiB in the process. torch and glibc read them when they start, so they must be in the
+# environment before Python starts: see rerun_with_tuned_allocator().
+ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": "33554432",
+                 "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
-def keep_freed_memory() -> Optional[str]:
-    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS.
+def allocator_tuned() -> bool:
+    """Whether this process started with :data:`ALLOCATOR_ENV` in its environment."""
+    return all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())
 
-    By default glibc serves large blocks (a (100, 100, 100) float64 tensor is 8 MB) by mmap and
-    unmaps them when freed, so every temporary of that size page-faults afresh; on the 2-core
-    benchmark machine this cost torch-based solvers 10-30% of their time. Setting the mmap
-    threshold to its maximum (32 MiB) and the trim threshold to 1 GiB keeps those pages. It is
-    process-wide, so every method of a run shares it; the environment variables
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` do the same for any
-    program. Does nothing off glibc.
 
-    Returns:
-        A description of the setting, or None where it could not be applied.
+def rerun_with_tuned_allocator() -> None:
+    """Replace this process by the same command line with :data:`ALLOCATOR_ENV` set.
+
+    For command-line entry points only (it re-runs ``sys.executable`` on ``sys.argv``). Returns
+    without doing anything where the settings are already in effect, off Linux, or when Python
+    was not started on a script or module. Every method of a run then shares the same settings.
     """
-    global _MALLOC_SETTING
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        if libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30):
-            _MALLOC_SETTING = "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB"
-    except (OSError, AttributeError):
-        pass
-    return _MALLOC_SETTING
+    if allocator_tuned() or not sys.platform.startswith("linux") or not sys.argv or sys.argv[0] in ("", "-c"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
 
 def environment(options: RunOptions, threads: int) -> dict:
@@ -304,7 +305,7 @@ def environment(options: RunOptions, threads: int) -> dict:
         "device": options.device,
         "dtype": options.dtype,
         "reference": _reference_name_or_none(),
-        "malloc": _MALLOC_SETTING or "default",
+        "allocator": "huge pages, freed memory kept (ALLOCATOR_ENV)" if allocator_tuned() else "default",
         "versions": versions,
     }
     if options.device.startswith("cuda") and torch.cuda.is_available():

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alqp.problem import BatchShape
+
 # Tolerance of the reference solve: far below every tolerance that a benchmark asks of the methods.
 REF_TOL = 1e-12
 
 
 @dataclass
-class QPBatch:
+class QPBatch(BatchShape):
     """A batch of QPs ``min 1/2 x'Hx + g'x  s.t.  A x = b,  l <= C x <= u``.
 
     Attributes:
@@ -52,22 +54,6 @@ class QPBatch:
     u: Tensor
     seed: int = 0
     two_sided: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return self.H.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.H.shape[-1]
-
-    @property
-    def p(self) -> int:
-        return self.A.shape[-2]
-
-    @property
-    def m(self) -> int:
-        return self.C.shape[-2]
 
     def tensors(self) -> tuple[Tensor, ...]:
         """(H, g, A, b, C, l, u) in the order every adapter takes them."""

@@ -76,7 +76,7 @@ def format_table(result: dict) -> str:
     env = result["environment"]
     out = [f"preset {result['preset']}: {result['description']}",
            f"mode {result['mode']}; device {env['device']}, {env['dtype']}; torch threads "
-           f"{env['torch_threads']} of {env['cpu_count']} CPUs; malloc {env.get('malloc', 'default')}; "
+           f"{env['torch_threads']} of {env['cpu_count']} CPUs; allocator {env.get('allocator', 'default')}; "
            f"{result['repeats']} repeats after "
            f"{result['warmup']} warm-up; times in ms per batch, median [IQR]; max|x-xref| over the "
            f"first min(B, {result['ref_max']}) problems (fewer where noted) against a KKT-certified "
