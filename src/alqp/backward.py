@@ -283,17 +283,17 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
             d2.mul_(e2)
             absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
     d1, d2 = d1.to(H.dtype), d2.to(H.dtype)
-    Hs = (H * d1.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
     Gs = (G * d2.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
+    GsT = Gs.transpose(-1, -2)  # a view: a transposed copy costs more than all its products
     r1s, r2s = d1 * r1, d2 * r2
     scale = torch.maximum(absH.flatten(1).amax(-1), absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)).to(H.dtype) \
         if n else H.new_zeros(B)
     delta = (rel_reg * scale.clamp_min(1.0)).unsqueeze(-1)
-    # delta * (Hs + delta I + Gs'Gs/delta): the per-problem delta scales the matrix instead of Gs,
-    # so the product accumulates in place; its solves are delta times K's inverse.
-    K = Hs * delta.unsqueeze(-1)
+    # delta * (Hs + delta I + Gs'Gs/delta) with Hs = diag(d1) H diag(d1): the per-problem delta
+    # scales the matrix instead of Gs, so the product accumulates in place; its solves are delta
+    # times K's inverse. Hs itself is never formed: Hs v = d1 * (H (d1 * v)).
+    K = (H * (delta * d1).unsqueeze(-1)).mul_(d1.unsqueeze(-2))
     K.diagonal(dim1=-2, dim2=-1).add_(delta * delta)
-    GsT = Gs.transpose(-1, -2).contiguous()
     K.baddbmm_(GsT, Gs)
     L, info = torch.linalg.cholesky_ex(K)
     del K
@@ -313,7 +313,7 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
             res2 = r2s - Gv1
             # Gs'v2 and Gs'res2 in one pass over Gs.
             Gt_both = torch.matmul(torch.stack([v2, res2], -2), Gs)
-            res1 = r1s - vm(v1, Hs) - Gt_both[:, 0]
+            res1 = r1s - d1 * vm(d1 * v1, H) - Gt_both[:, 0]
             GtRes2 = Gt_both[:, 1]
         v_size = torch.maximum(inf_norm(v1), inf_norm(v2))
         tol = 1e-13 * (n + k) * (scale * v_size + size)

@@ -217,7 +217,7 @@ class Scaling:
         return Scaling(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
-def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol: float = 1e-3) -> tuple[QPProblem, Scaling]:
+def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol: float = 0.1) -> tuple[QPProblem, Scaling]:
     """Ruiz equilibration of the KKT matrix [[H, A', C'], [A, 0, 0], [C, 0, 0]] plus cost scaling.
 
     Each sweep divides every column and row by the square root of its infinity norm, which drives
