@@ -397,15 +397,34 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float) -> Tensor:
     return nonzero & (Hd <= tol) & (cone <= tol) & (gd < -tol * gscale)
 
 
-def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, eye: Tensor, max_steps: int):
+# What _newton_inner reads and writes of the working set (the fields a compacted copy carries).
+_NEWTON_FIELDS = ("H", "g", "G", "GT", "lo", "hi", "mu_eq", "mu_in", "eta_in", "x", "mult", "done",
+                  "factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu")
+_NEWTON_CACHES = ("factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu")
+
+
+def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, eye: Tensor, max_steps: int,
+                  x: Optional[Tensor] = None, full_step: Optional[Tensor] = None,
+                  last_rows: Optional[Tensor] = None):
     """Minimize the proximal augmented Lagrangian of every working problem over x.
 
         phi(x) = 1/2 x'Hx + g'x + rho/2 |x - x_k|^2
                  + sum_i 1/(2 mu_i) dist(G_i x + mu_i w_k,i, [lo_i, hi_i])^2
 
-    (mu_i is mu_eq on equality rows, mu_in on inequality rows; w_k are the accepted multipliers).
-    phi is convex, piecewise quadratic and once differentiable; semi-smooth Newton with an exact
-    line search reaches its minimizer in finitely many steps.
+    (mu_i is mu_eq on equality rows, mu_in on inequality rows; x_k = w.x and w_k = w.mult are the
+    proximal centre and the accepted multipliers). phi is convex, piecewise quadratic and once
+    differentiable; semi-smooth Newton with an exact line search reaches its minimizer in finitely
+    many steps.
+
+    The batch steps whole, the problems that are done with dx = 0, while at least half of it
+    still steps; then the rest goes on in a compacted copy (and so on, halving), so that a long
+    tail of slow problems neither drags the whole batch along nor re-gathers its matrices at
+    every step.
+
+    Args:
+        Hx (B,n), Gx (B,k): H x and G x at the starting point.
+        x, full_step, last_rows: the starting point (default x_k) and the loop's state, when a
+            compacted copy continues its parent's loop.
 
     Returns:
         x (B,n), the multipliers it implies (B,k), G x (B,k), ok (B,): False where a factorization
@@ -416,42 +435,47 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
     k, p = is_eq.shape[0], int(is_eq.sum())  # the p equality rows come first
     mu = torch.where(is_eq, w.mu_eq.unsqueeze(-1), w.mu_in.unsqueeze(-1))
     mu_pair = torch.stack([w.mu_eq, w.mu_in], dim=-1)
-    x, Hx, Gx = x_k, Hx, Gx
+    x = x_k if x is None else x
     active = ~w.done
     ok = torch.ones(Bw, dtype=torch.bool, device=x.device)
     steps = torch.zeros(Bw, dtype=torch.int64, device=x.device)
     # A full Newton step that leaves the active set unchanged lands on the minimizer of phi up to
     # round-off; this stops the loop where the gradient cannot reach eta_in (stiff penalties).
-    last_rows = torch.zeros_like(w.lo, dtype=torch.bool)
-    full_step = torch.zeros(Bw, dtype=torch.bool, device=x.device)
-    for _ in range(max_steps + 1):
+    last_rows = torch.zeros_like(w.lo, dtype=torch.bool) if last_rows is None else last_rows
+    full_step = torch.zeros(Bw, dtype=torch.bool, device=x.device) if full_step is None else full_step
+    for it in range(max_steps + 1):
         v = Gx + mu * mult_k
         dist = v - torch.clamp(v, w.lo, w.hi)
         mult = dist / mu
-        if _ == max_steps:
+        if it == max_steps:
             break
         grad = Hx + w.g + rho * (x - x_k) + vm(mult, w.G)
         rows = (dist != 0) | is_eq
         settled = full_step & (rows == last_rows).all(-1)
         active = active & ok & (inf_norm(grad) > w.eta_in) & ~settled
-        if not bool(active.any()):
+        stepping = int(active.sum())
+        if stepping == 0:
             break
-        # With most problems still stepping, the batch steps whole (the finished ones with dx = 0):
-        # gathering their (n,n) matrices would cost more than the wasted work.
-        dense = 2 * int(active.sum()) >= Bw
-        idx = None if dense else active.nonzero().squeeze(-1)
-        take = (lambda t: t) if dense else (lambda t: t.index_select(0, idx))
-        rows_a, mu_a, mu_pair_a = take(rows), take(mu), take(mu_pair)
+        if 2 * stepping < Bw:
+            idx = active.nonzero().squeeze(-1)
+            sub = _Work(**{name: getattr(w, name).index_select(0, idx) for name in _NEWTON_FIELDS})
+            sub.done = torch.zeros_like(sub.done)
+            pick = lambda t: t.index_select(0, idx)  # noqa: E731
+            x_s, mult_s, Gx_s, ok_s, steps_s = _newton_inner(
+                sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, pick(x), pick(full_step), pick(last_rows))
+            # The factors go back too: the next outer iteration may reuse them.
+            for name in _NEWTON_CACHES:
+                getattr(w, name).index_copy_(0, idx, getattr(sub, name))
+            return (x.index_copy(0, idx, x_s), mult.index_copy(0, idx, mult_s), Gx.index_copy(0, idx, Gx_s),
+                    ok.index_copy(0, idx, ok_s), steps.index_copy(0, idx, pick(steps) + steps_s))
 
         # Refactor only where the active set or the penalties changed since the last factorization.
-        stale = ~(take(w.factor_valid) & (take(w.factor_rows) == rows_a).all(-1) & (take(w.factor_mu) == mu_pair_a).all(-1))
-        if dense:
-            stale = stale & active
+        stale = active & ~(w.factor_valid & (w.factor_rows == rows).all(-1) & (w.factor_mu == mu_pair).all(-1))
         if bool(stale.any()):
-            sidx = stale.nonzero().squeeze(-1) if dense else idx[stale]
+            sidx = stale.nonzero().squeeze(-1)
             # (B,n,n) passes cost about half a batched product here: gather only when needed,
             # add rho on the diagonal in place and accumulate the product into that copy.
-            all_stale = sidx.numel() == w.x.shape[0]
+            all_stale = sidx.numel() == Bw
             pick = (lambda t: t) if all_stale else (lambda t: t.index_select(0, sidx))
             # The equality rows are always in the Newton matrix: their product is rebuilt only
             # when mu_eq changes, and a step adds just the active inequality rows to it.
@@ -461,14 +485,16 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
                 K_eq = w.H.index_select(0, ridx)
                 K_eq.diagonal(dim1=-2, dim2=-1).add_(rho)
                 if p:
-                    A_eq = w.G[:, :p].index_select(0, ridx)
-                    K_eq.baddbmm_(A_eq.transpose(-1, -2) / w.mu_eq[ridx, None, None], A_eq)
-                w.newton_eq[ridx] = K_eq
+                    A_eq = w.G[:, :p].index_select(0, ridx).mul_(w.mu_eq[ridx, None, None].rsqrt())
+                    K_eq.baddbmm_(A_eq.transpose(-1, -2), A_eq)
+                w.newton_eq.index_copy_(0, ridx, K_eq)
                 w.newton_eq_mu[ridx] = w.mu_eq[ridx]
             K = w.newton_eq.clone() if all_stale else w.newton_eq.index_select(0, sidx)
             if p < k:
-                weights = (pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)).unsqueeze(-2)
-                K.baddbmm_(pick(w.GT)[:, :, p:] * weights, pick(w.G)[:, p:])
+                # (W^1/2 C)'(W^1/2 C): one gathered, scaled copy of C's rows serves both factors.
+                root_w = (pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)).sqrt_().unsqueeze(-1)
+                C_w = w.G[:, p:] * root_w if all_stale else w.G[:, p:].index_select(0, sidx).mul_(root_w)
+                K.baddbmm_(C_w.transpose(-1, -2), C_w)
             L, info = torch.linalg.cholesky_ex(K)
             good = info == 0
             if not bool(good.all()):
@@ -484,37 +510,27 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             if all_stale:
                 w.factor = L
             else:
-                w.factor[sidx] = L
+                w.factor.index_copy_(0, sidx, L)
             w.factor_rows[sidx] = rows[sidx]
             w.factor_mu[sidx] = mu_pair[sidx]
             w.factor_valid[sidx] = good
             ok[sidx] = ok[sidx] & good
-        moving = take(ok) & active if dense else take(ok)
-        dx = cholesky_solve_rows(take(w.factor), -take(grad))
-        dx = torch.where(moving.unsqueeze(-1), dx, torch.zeros_like(dx))
-        Hdx = vm(dx, take(w.H))
-        Gdx = vm(dx, take(w.GT))
+        moving = (ok & active).unsqueeze(-1)
+        dx = cholesky_solve_rows(w.factor, -grad)
+        dx = torch.where(moving, dx, torch.zeros_like(dx))
+        Hdx = vm(dx, w.H)
+        Gdx = vm(dx, w.GT)
         alpha = _exact_line_search(
-            take(w.lo), take(w.hi), is_eq, take(v), Gdx, mu_a,
-            a0=(dx * (take(Hx) + take(w.g) + rho * (take(x) - take(x_k)))).sum(-1),
+            w.lo, w.hi, is_eq, v, Gdx, mu,
+            a0=(dx * (Hx + w.g + rho * (x - x_k))).sum(-1),
             a1=(dx * Hdx).sum(-1) + rho * (dx * dx).sum(-1),
         )
-        step = alpha.unsqueeze(-1)
-        if dense:
-            step = torch.where(moving.unsqueeze(-1), step, torch.zeros_like(step))
-            x, Hx, Gx = x + step * dx, Hx + step * Hdx, Gx + step * Gdx
-            # (A finished problem never steps again, so its full_step and last_rows are moot.)
-            full_step = (alpha - 1).abs() <= 1e-6
-            last_rows = rows
-            steps = steps + active.to(steps.dtype)
-        else:
-            # (index_put, not index_add: the latter is many times slower on CPU here.)
-            x = x.index_put((idx,), x[idx] + step * dx)
-            Hx = Hx.index_put((idx,), Hx[idx] + step * Hdx)
-            Gx = Gx.index_put((idx,), Gx[idx] + step * Gdx)
-            full_step = full_step.index_put((idx,), (alpha - 1).abs() <= 1e-6)
-            last_rows = last_rows.index_put((idx,), rows_a)
-            steps = steps.index_put((idx,), steps[idx] + 1)
+        step = torch.where(moving, alpha.unsqueeze(-1), torch.zeros_like(dx[:, :1]))
+        x, Hx, Gx = x + step * dx, Hx + step * Hdx, Gx + step * Gdx
+        # (A problem that stopped never steps again, so its full_step and last_rows are moot.)
+        full_step = (alpha - 1).abs() <= 1e-6
+        last_rows = rows
+        steps = steps + active.to(steps.dtype)
     return x, mult, Gx, ok, steps
 
 
