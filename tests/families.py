@@ -182,9 +182,53 @@ def equal_bounds(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
     return _pack(H, g, A, b, C, l, u)
 
 
+def _bound_rows(gen, batch, n, m):
+    """C (B,m,n) whose rows each have one nonzero: a random column and a scale in +-[0.5, 2]
+    (bounds on single variables, written in any order and scale; columns may repeat)."""
+    cols = torch.randint(0, n, (batch, m), generator=gen)
+    sign = torch.where(_rand(gen, batch, m) < 0.5, -1.0, 1.0).to(DTYPE)
+    C = torch.zeros(batch, m, n, dtype=DTYPE)
+    C.scatter_(-1, cols.unsqueeze(-1), (sign * _rand(gen, batch, m, lo=0.5, hi=2.0)).unsqueeze(-1))
+    return C
+
+
+def bound_rows(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """H positive definite; every inequality row bounds a single (scaled) variable, the case
+    where the solver adds C'WC to its Newton matrix as a diagonal."""
+    assert p < n
+    gen = _gen(seed)
+    H = _spd(gen, batch, n)
+    x0 = _randn(gen, batch, n)
+    A = _randn(gen, batch, p, n)
+    b = _matvec(A, x0)
+    C = _bound_rows(gen, batch, n, m)
+    l, u = _bounds_around(gen, _matvec(C, x0))
+    g = _far_cost(gen, H, x0)
+    return _pack(H, g, A, b, C, l, u)
+
+
 # ----------------------------------------------------------------------------------------------
 # Infeasible families (closest feasible shift nonzero by construction)
 # ----------------------------------------------------------------------------------------------
+def infeasible_bound_rows(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """As bound_rows, but the first equality asks for the sum of the variables to be 1 beyond
+    what the box [-1, 1]^n allows (the rows 0..n-1 of C are that box; m >= n)."""
+    assert p < n and m >= n
+    gen = _gen(seed)
+    H = _spd(gen, batch, n)
+    x0 = _rand(gen, batch, n, lo=-0.5, hi=0.5)
+    A = _randn(gen, batch, p, n)
+    A[:, 0] = 1.0
+    b = _matvec(A, x0)
+    b[:, 0] = n + 1.0
+    box = torch.eye(n, dtype=DTYPE).expand(batch, n, n)
+    C = torch.cat([box, _bound_rows(gen, batch, n, m - n)], dim=1)
+    l, u = _bounds_around(gen, _matvec(C, x0))
+    l[:, :n], u[:, :n] = -1.0, 1.0
+    g = _far_cost(gen, H, x0)
+    return _pack(H, g, A, b, C, l, u)
+
+
 def infeasible_eq_duplicated(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
     """Equalities whose last k = max(1, p//2) rows repeat (scaled by a random factor) earlier rows
     with an inconsistent right-hand side; the inequality rows are feasible around x0."""

@@ -133,6 +133,11 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
     G = torch.cat([scaled.A, scaled.C], dim=-2)
     GT = G.transpose(-1, -2).contiguous()
     R = torch.cat([scaling.E, scaling.F], dim=-1)  # row scaling: G = diag(R) [A; C] diag(D)
+    # When every row of C has one nonzero (bounds on single variables: x >= 0 in an LP, a box),
+    # its share of the Newton matrix, C'WC, is diagonal: a step adds a diagonal, not a product.
+    bound_rows = m > 0 and n > 0 and bool(((scaled.C != 0).sum(-1) == 1).all())
+    bound_col = scaled.C.abs().argmax(-1) if bound_rows else torch.zeros(B, m, dtype=torch.int64, device=device)
+    bound_val2 = scaled.C.gather(-1, bound_col.unsqueeze(-1)).squeeze(-1) ** 2 if bound_rows else scaled.H.new_zeros(B, m)
     ws = _batched_warm_start(warm_start, problem)
     if ws is None:
         x = scaled.H.new_zeros(B, n)
@@ -178,6 +183,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         # H + rho I + A'A / mu_eq, and the mu_eq it holds (nan: not built yet).
         newton_eq=scaled.H.new_zeros(B, n, n),
         newton_eq_mu=scaled.H.new_full((B,), float("nan")),
+        bound_col=bound_col, bound_val2=bound_val2,  # (bound_rows only) C_i's column and C_ij^2
         **fresh_penalties(B, scaled.H),
     )
     eye = torch.eye(n, dtype=dtype, device=device)
@@ -306,7 +312,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
 
         # Inner problem: minimize the proximal augmented Lagrangian at fixed multipliers.
         x_prev = w.x
-        x_new, mult_new, Gx_new, inner_ok, steps = _newton_inner(w, is_eq, Hx, Gx, rho, eye, settings.max_inner_iter)
+        x_new, mult_new, Gx_new, inner_ok, steps = _newton_inner(w, is_eq, Hx, Gx, rho, eye, settings.max_inner_iter, bound_rows)
         w.iterations = w.iterations + steps
         dx = x_new - x_prev
         w.x, w.mult_cur = x_new, mult_new
@@ -399,12 +405,13 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float) -> Tensor:
 
 # What _newton_inner reads and writes of the working set (the fields a compacted copy carries).
 _NEWTON_FIELDS = ("H", "g", "G", "GT", "lo", "hi", "mu_eq", "mu_in", "eta_in", "x", "mult", "done",
-                  "factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu")
+                  "factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu",
+                  "bound_col", "bound_val2")
 _NEWTON_CACHES = ("factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu")
 
 
 def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, eye: Tensor, max_steps: int,
-                  x: Optional[Tensor] = None, full_step: Optional[Tensor] = None,
+                  bound_rows: bool = False, x: Optional[Tensor] = None, full_step: Optional[Tensor] = None,
                   last_rows: Optional[Tensor] = None):
     """Minimize the proximal augmented Lagrangian of every working problem over x.
 
@@ -423,6 +430,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
 
     Args:
         Hx (B,n), Gx (B,k): H x and G x at the starting point.
+        bound_rows: every inequality row has one nonzero (w.bound_col, w.bound_val2 describe them).
         x, full_step, last_rows: the starting point (default x_k) and the loop's state, when a
             compacted copy continues its parent's loop.
 
@@ -462,7 +470,8 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             sub.done = torch.zeros_like(sub.done)
             pick = lambda t: t.index_select(0, idx)  # noqa: E731
             x_s, mult_s, Gx_s, ok_s, steps_s = _newton_inner(
-                sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, pick(x), pick(full_step), pick(last_rows))
+                sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, bound_rows, pick(x), pick(full_step),
+                pick(last_rows))
             # The factors go back too: the next outer iteration may reuse them.
             for name in _NEWTON_CACHES:
                 getattr(w, name).index_copy_(0, idx, getattr(sub, name))
@@ -491,10 +500,15 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
                 w.newton_eq_mu[ridx] = w.mu_eq[ridx]
             K = w.newton_eq.clone() if all_stale else w.newton_eq.index_select(0, sidx)
             if p < k:
-                # (W^1/2 C)'(W^1/2 C): one gathered, scaled copy of C's rows serves both factors.
-                root_w = (pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)).sqrt_().unsqueeze(-1)
-                C_w = w.G[:, p:] * root_w if all_stale else w.G[:, p:].index_select(0, sidx).mul_(root_w)
-                K.baddbmm_(C_w.transpose(-1, -2), C_w)
+                weights = pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)
+                if bound_rows:
+                    K.diagonal(dim1=-2, dim2=-1).add_(torch.zeros_like(K[:, 0]).scatter_add_(
+                        1, pick(w.bound_col), weights * pick(w.bound_val2)))
+                else:
+                    # (W^1/2 C)'(W^1/2 C): one gathered, scaled copy of C's rows serves both factors.
+                    root_w = weights.sqrt_().unsqueeze(-1)
+                    C_w = w.G[:, p:] * root_w if all_stale else w.G[:, p:].index_select(0, sidx).mul_(root_w)
+                    K.baddbmm_(C_w.transpose(-1, -2), C_w)
             L, info = torch.linalg.cholesky_ex(K)
             good = info == 0
             if not bool(good.all()):
