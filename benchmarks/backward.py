@@ -11,4 +11,4 @@ import sys
 from alqp.bench.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--preset", "backward", *sys.argv[1:]]))
+    sys.exit(main(["--preset", "backward", *sys.argv[1:]], as_program=True))

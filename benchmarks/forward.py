@@ -10,4 +10,4 @@ import sys
 from alqp.bench.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--preset", "forward", *sys.argv[1:]]))
+    sys.exit(main(["--preset", "forward", *sys.argv[1:]], as_program=True))

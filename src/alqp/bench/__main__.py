@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -62,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``alqp`` console script. Returns the exit status."""
+def main(argv=None, as_program: Optional[bool] = None) -> int:
+    """Entry point of the ``alqp`` console script. Returns the exit status.
+
+    Args:
+        argv: the options (default: sys.argv[1:]).
+        as_program: whether this process runs the benchmark as its program, so that it may re-run
+            itself with the allocator settings (default: when argv is None).
+    """
     args = build_parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in ALL_METHODS and not p.startswith("alqp-")]
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
                          max_seconds_per_point=args.max_seconds,
                          cvxpylayers_max_batch=args.cvxpylayers_max_batch,
                          cvxpylayers_max_n=args.cvxpylayers_max_n)
-    if argv is None and not args.default_allocator:
+    if (argv is None if as_program is None else as_program) and not args.default_allocator:
         rerun_with_tuned_allocator()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     start = time.perf_counter()
