@@ -138,6 +138,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
     bound_rows = m > 0 and n > 0 and bool(((scaled.C != 0).sum(-1) == 1).all())
     bound_col = scaled.C.abs().argmax(-1) if bound_rows else torch.zeros(B, m, dtype=torch.int64, device=device)
     bound_val2 = scaled.C.gather(-1, bound_col.unsqueeze(-1)).squeeze(-1) ** 2 if bound_rows else scaled.H.new_zeros(B, m)
+    structure = _Structure(zero_H=not bool(scaled.H.any()), bound_rows=bound_rows)
     ws = _batched_warm_start(warm_start, problem)
     if ws is None:
         x = scaled.H.new_zeros(B, n)
@@ -266,7 +267,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         return (w.mu_eq <= mu_min * 1.0001) & (w.mu_in <= mu_min * 1.0001)
 
     for outer in range(settings.max_iter + 1):
-        Hx, Gx = vm(w.x, w.H), vm(w.x, w.GT)
+        Hx, Gx = _H_times(w.x, w.H, structure), vm(w.x, w.GT)
         primal, natural, dual, infeas, pscale, dscale, roundoff, r = _residuals(w, is_eq, Hx, Gx)
         eps_p = eps_abs + eps_rel * pscale
         # The dual residual cannot be computed more accurately than its round-off bound.
@@ -312,14 +313,14 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
 
         # Inner problem: minimize the proximal augmented Lagrangian at fixed multipliers.
         x_prev = w.x
-        x_new, mult_new, Gx_new, inner_ok, steps = _newton_inner(w, is_eq, Hx, Gx, rho, eye, settings.max_inner_iter, bound_rows)
+        x_new, mult_new, Gx_new, inner_ok, steps = _newton_inner(w, is_eq, Hx, Gx, rho, eye, settings.max_inner_iter, structure)
         w.iterations = w.iterations + steps
         dx = x_new - x_prev
         w.x, w.mult_cur = x_new, mult_new
 
         # Unboundedness certificate: a step along which the cost decreases while H and the
         # equality rows vanish and the inequality rows stay in the recession cone of [l, u].
-        unbounded = _dual_infeasible(w, dx, settings.eps_dual_inf)
+        unbounded = _dual_infeasible(w, dx, settings.eps_dual_inf, structure)
 
         # BCL: accept the multipliers when the primal residual met its target, else stiffen.
         primal_new = inf_norm(Gx_new - torch.clamp(Gx_new, w.lo, w.hi))
@@ -340,7 +341,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         unbounded = unbounded & ~w.done
         broken = ~inner_ok & ~w.done
         if (unbounded | broken).any():
-            Hx, Gx = vm(w.x, w.H), vm(w.x, w.GT)
+            Hx, Gx = _H_times(w.x, w.H, structure), vm(w.x, w.GT)
             r = _residuals(w, is_eq, Hx, Gx)[-1]
             status = torch.where(unbounded, int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL_ERROR))
             w, _ = finish(w, unbounded | broken, status, r)
@@ -348,6 +349,18 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
                 break
 
     return QPSolution(out_x, out_w[:, :p], out_w[:, p:], out_s[:, :p], out_s[:, p:], out_status, out_iter)
+
+
+class _Structure(NamedTuple):
+    """What holds for every problem of the batch, so that the solver may skip work."""
+
+    zero_H: bool  # H = 0 (an LP): products with H are zero
+    bound_rows: bool  # every row of C has one nonzero: C'WC is diagonal (w.bound_col, w.bound_val2)
+
+
+def _H_times(v: Tensor, H: Tensor, structure: _Structure) -> Tensor:
+    """(B,n) x (B,n,n) -> (B,n): v'H = H v (H symmetric), without the product when H = 0."""
+    return torch.zeros_like(v) if structure.zero_H else vm(v, H)
 
 
 def _residuals(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor):
@@ -387,12 +400,12 @@ def _residuals(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor):
     return primal, natural, dual, infeas, primal_scale, dual_scale, roundoff, r
 
 
-def _dual_infeasible(w: _Work, dx: Tensor, tol: float) -> Tensor:
+def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") -> Tensor:
     """(B,) True where the step dx certifies that the QP is unbounded below."""
     size = inf_norm(dx)
     nonzero = size > 0
     d = dx / torch.where(nonzero, size, torch.ones_like(size)).unsqueeze(-1)
-    Hd = inf_norm(vm(d, w.H))
+    Hd = inf_norm(_H_times(d, w.H, structure))
     Gd = vm(d, w.GT)
     # Where hi is finite, G d may not grow; where lo is finite, it may not shrink.
     up = torch.where(torch.isfinite(w.hi), Gd.clamp_min(0), torch.zeros_like(Gd))
@@ -411,7 +424,7 @@ _NEWTON_CACHES = ("factor", "factor_rows", "factor_mu", "factor_valid", "newton_
 
 
 def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, eye: Tensor, max_steps: int,
-                  bound_rows: bool = False, x: Optional[Tensor] = None, full_step: Optional[Tensor] = None,
+                  structure: "_Structure", x: Optional[Tensor] = None, full_step: Optional[Tensor] = None,
                   last_rows: Optional[Tensor] = None):
     """Minimize the proximal augmented Lagrangian of every working problem over x.
 
@@ -430,7 +443,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
 
     Args:
         Hx (B,n), Gx (B,k): H x and G x at the starting point.
-        bound_rows: every inequality row has one nonzero (w.bound_col, w.bound_val2 describe them).
+        structure: what the batch allows to skip (:class:`_Structure`).
         x, full_step, last_rows: the starting point (default x_k) and the loop's state, when a
             compacted copy continues its parent's loop.
 
@@ -470,7 +483,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             sub.done = torch.zeros_like(sub.done)
             pick = lambda t: t.index_select(0, idx)  # noqa: E731
             x_s, mult_s, Gx_s, ok_s, steps_s = _newton_inner(
-                sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, bound_rows, pick(x), pick(full_step),
+                sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, structure, pick(x), pick(full_step),
                 pick(last_rows))
             # The factors go back too: the next outer iteration may reuse them.
             for name in _NEWTON_CACHES:
@@ -501,7 +514,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             K = w.newton_eq.clone() if all_stale else w.newton_eq.index_select(0, sidx)
             if p < k:
                 weights = pick(rows)[:, p:].to(x.dtype) / pick(w.mu_in).unsqueeze(-1)
-                if bound_rows:
+                if structure.bound_rows:
                     K.diagonal(dim1=-2, dim2=-1).add_(torch.zeros_like(K[:, 0]).scatter_add_(
                         1, pick(w.bound_col), weights * pick(w.bound_val2)))
                 else:
@@ -532,7 +545,7 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
         moving = (ok & active).unsqueeze(-1)
         dx = cholesky_solve_rows(w.factor, -grad)
         dx = torch.where(moving, dx, torch.zeros_like(dx))
-        Hdx = vm(dx, w.H)
+        Hdx = _H_times(dx, w.H, structure)
         Gdx = vm(dx, w.GT)
         alpha = _exact_line_search(
             w.lo, w.hi, is_eq, v, Gdx, mu,
