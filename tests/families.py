@@ -69,18 +69,24 @@ def _pack(H, g, A=None, b=None, C=None, l=None, u=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Feasible families
 # ----------------------------------------------------------------------------------------------
-def strictly_convex(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
-    """H positive definite, p < n random equality rows, m two-sided inequality rows."""
-    assert p < n, "strictly_convex needs p < n (full row rank A)"
-    gen = _gen(seed)
+def _feasible_around_x0(gen, batch: int, n: int, p: int, make_C) -> tuple:
+    """H positive definite, p random equality rows and the inequality rows C = make_C(gen), all
+    satisfied around a random point x0, and a cost that pushes the minimizer out of the bounds.
+    Returns (problem dict, x0)."""
     H = _spd(gen, batch, n)
     x0 = _randn(gen, batch, n)
     A = _randn(gen, batch, p, n)
     b = _matvec(A, x0)
-    C = _randn(gen, batch, m, n)
+    C = make_C(gen)
     l, u = _bounds_around(gen, _matvec(C, x0))
     g = _far_cost(gen, H, x0)
-    return _pack(H, g, A, b, C, l, u)
+    return _pack(H, g, A, b, C, l, u), x0
+
+
+def strictly_convex(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """H positive definite, p < n random equality rows, m two-sided inequality rows."""
+    assert p < n, "strictly_convex needs p < n (full row rank A)"
+    return _feasible_around_x0(_gen(seed), batch, n, p, lambda gen: _randn(gen, batch, m, n))[0]
 
 
 def _boxed_rows(gen, batch, n, m, x0):
@@ -167,19 +173,12 @@ def equal_bounds(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
     """As strictly_convex, but the first min(2, m) inequality rows have l == u = C x0 (equalities
     written as two-sided inequalities)."""
     assert p + min(2, m) < n
-    gen = _gen(seed)
-    H = _spd(gen, batch, n)
-    x0 = _randn(gen, batch, n)
-    A = _randn(gen, batch, p, n)
-    b = _matvec(A, x0)
-    C = _randn(gen, batch, m, n)
-    Cx0 = _matvec(C, x0)
-    l, u = _bounds_around(gen, Cx0)
+    prob, x0 = _feasible_around_x0(_gen(seed), batch, n, p, lambda gen: _randn(gen, batch, m, n))
+    Cx0 = _matvec(prob["C"], x0)
     k = min(2, m)
-    l[:, :k] = Cx0[:, :k]
-    u[:, :k] = Cx0[:, :k]
-    g = _far_cost(gen, H, x0)
-    return _pack(H, g, A, b, C, l, u)
+    prob["l"][:, :k] = Cx0[:, :k]
+    prob["u"][:, :k] = Cx0[:, :k]
+    return prob
 
 
 def _bound_rows(gen, batch, n, m):
@@ -196,15 +195,55 @@ def bound_rows(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
     """H positive definite; every inequality row bounds a single (scaled) variable, the case
     where the solver adds C'WC to its Newton matrix as a diagonal."""
     assert p < n
+    return _feasible_around_x0(_gen(seed), batch, n, p, lambda gen: _bound_rows(gen, batch, n, m))[0]
+
+
+def qp_from_solution(B: int, n: int, p: int, m: int, n_up: int, n_lo: int, seed: int,
+                     open_sides: str = "none") -> tuple:
+    """A feasible strictly convex QP batch built from its solution (x*, y*, z*), for the
+    derivative tests, where the active set must be known exactly.
+
+    Rows [0, n_up) are active at u (z in [0.5, 1.5]), rows [n_up, n_up + n_lo) at l (z in
+    [-1.5, -0.5]), the rest strictly inside (slack in [0.3, 1]). ``open_sides`` makes some unused
+    bounds infinite: "alternate" drops the unused side of every second row (rows 0 and n_up keep
+    both), "odd_inactive" drops u on every second inactive row; "none" keeps all.
+
+    Returns:
+        (problem dict, x* (B,n), y* (B,p), z* (B,m)); A, b (C, l, u) are None when p (m) is 0.
+    """
+    assert p + n_up + n_lo <= n
     gen = _gen(seed)
-    H = _spd(gen, batch, n)
-    x0 = _randn(gen, batch, n)
-    A = _randn(gen, batch, p, n)
-    b = _matvec(A, x0)
-    C = _bound_rows(gen, batch, n, m)
-    l, u = _bounds_around(gen, _matvec(C, x0))
-    g = _far_cost(gen, H, x0)
-    return _pack(H, g, A, b, C, l, u)
+    H = _spd(gen, B, n)
+    x = _randn(gen, B, n)
+    A = _randn(gen, B, p, n)
+    y = _randn(gen, B, p)
+    C = _randn(gen, B, m, n)
+    Cx = _matvec(C, x)
+    l = Cx - _rand(gen, B, m, lo=0.3, hi=1.0)
+    u = Cx + _rand(gen, B, m, lo=0.3, hi=1.0)
+    z = torch.zeros(B, m, dtype=DTYPE)
+    up, lo = slice(0, n_up), slice(n_up, n_up + n_lo)
+    u[:, up] = Cx[:, up]
+    z[:, up] = _rand(gen, B, n_up, lo=0.5, hi=1.5)
+    l[:, lo] = Cx[:, lo]
+    z[:, lo] = -_rand(gen, B, n_lo, lo=0.5, hi=1.5)
+    if open_sides == "alternate":
+        for i in range(1, m, 2):
+            if i < n_up:
+                l[:, i] = -INF
+            elif i < n_up + n_lo:
+                u[:, i] = INF
+            else:
+                (u if i % 4 == 1 else l)[:, i] = INF if i % 4 == 1 else -INF
+    elif open_sides == "odd_inactive":
+        for i in range(n_up + n_lo + 1, m, 2):
+            u[:, i] = INF
+    elif open_sides != "none":
+        raise ValueError(f"open_sides must be 'none', 'alternate' or 'odd_inactive', got {open_sides!r}")
+    g = -(_matvec(H, x) + (y.unsqueeze(-2) @ A).squeeze(-2) + (z.unsqueeze(-2) @ C).squeeze(-2))
+    prob = dict(H=H, g=g, A=A if p else None, b=_matvec(A, x) if p else None, C=C if m else None,
+                l=l if m else None, u=u if m else None)
+    return prob, x, y, z
 
 
 # ----------------------------------------------------------------------------------------------

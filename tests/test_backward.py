@@ -27,6 +27,8 @@ from alqp.backward import classify_rows, implicit_backward, lstsq_min_norm
 from alqp.problem import canonicalize
 from alqp.solver import QPSolution
 
+import families as F
+
 DT = torch.float64
 INF = float("inf")
 NAMES = ("H", "g", "A", "b", "C", "l", "u")
@@ -56,41 +58,9 @@ def _unif(gen, shape, lo, hi):
 
 
 def feasible_instance(B, n, p, m, n_up, n_lo, seed, infinite=True):
-    """A feasible strictly convex QP batch built from its solution (x*, y*, z*).
-
-    Rows [0, n_up) are active at u (z >= 0.5), rows [n_up, n_up + n_lo) at l (z <= -0.5), the rest
-    strictly inside (slack >= 0.3). With ``infinite``, the unused side of every other row is +-inf.
-    Returns (problem dict, x*, y*, z*).
-    """
-    assert p + n_up + n_lo <= n
-    gen = torch.Generator().manual_seed(seed)
-    H = _spd(gen, B, n)
-    x = torch.randn(B, n, generator=gen, dtype=DT)
-    A = torch.randn(B, p, n, generator=gen, dtype=DT)
-    b = _mv(A, x)
-    y = torch.randn(B, p, generator=gen, dtype=DT)
-    C = torch.randn(B, m, n, generator=gen, dtype=DT)
-    Cx = _mv(C, x)
-    l = Cx - _unif(gen, (B, m), 0.3, 1.0)
-    u = Cx + _unif(gen, (B, m), 0.3, 1.0)
-    z = torch.zeros(B, m, dtype=DT)
-    up, lo = slice(0, n_up), slice(n_up, n_up + n_lo)
-    u[:, up] = Cx[:, up]
-    z[:, up] = _unif(gen, (B, n_up), 0.5, 1.5)
-    l[:, lo] = Cx[:, lo]
-    z[:, lo] = -_unif(gen, (B, n_lo), 0.5, 1.5)
-    if infinite:
-        # Every second row loses its unused side; rows 0 and n_up keep both sides.
-        for i in range(1, m, 2):
-            if i < n_up:
-                l[:, i] = -INF
-            elif i < n_up + n_lo:
-                u[:, i] = INF
-            else:
-                (u if i % 4 == 1 else l)[:, i] = INF if i % 4 == 1 else -INF
-    g = -(_mv(H, x) + _mtv(A, y) + _mtv(C, z))
-    return dict(H=H, g=g, A=A if p else None, b=b if p else None, C=C if m else None,
-                l=l if m else None, u=u if m else None), x, y, z
+    """:func:`families.qp_from_solution`, every other row's unused side infinite when ``infinite``.
+    Returns (problem dict, x*, y*, z*)."""
+    return F.qp_from_solution(B, n, p, m, n_up, n_lo, seed, "alternate" if infinite else "none")
 
 
 def infeasible_instance(B, n, p, n_viol, n_free, seed):

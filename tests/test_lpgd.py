@@ -24,6 +24,8 @@ from alqp.lpgd import LPGDOptions, lpgd_backward
 from alqp.problem import canonicalize
 from alqp.solver import solve_problem
 
+import families as F
+
 DT = torch.float64
 INF = float("inf")
 NAMES = ("H", "g", "A", "b", "C", "l", "u")
@@ -52,28 +54,9 @@ def _spd(gen, B, n):
 
 
 def feasible_qp(B, n, p, m, n_up, n_lo, seed):
-    """Strictly convex feasible QPs from their solution: rows [0, n_up) active at u (z in [0.5, 1.5]),
-    the next n_lo at l (z in [-1.5, -0.5]), the rest inactive (slack in [0.3, 1]); odd inactive rows
-    lose one side (infinite bound). Returns the problem dict."""
-    gen = torch.Generator().manual_seed(seed)
-    H = _spd(gen, B, n)
-    x = torch.randn(B, n, generator=gen, dtype=DT)
-    A = torch.randn(B, p, n, generator=gen, dtype=DT)
-    y = torch.randn(B, p, generator=gen, dtype=DT)
-    C = torch.randn(B, m, n, generator=gen, dtype=DT)
-    Cx = _mv(C, x)
-    l = Cx - _unif(gen, (B, m), 0.3, 1.0)
-    u = Cx + _unif(gen, (B, m), 0.3, 1.0)
-    z = torch.zeros(B, m, dtype=DT)
-    u[:, :n_up] = Cx[:, :n_up]
-    z[:, :n_up] = _unif(gen, (B, n_up), 0.5, 1.5)
-    lo = slice(n_up, n_up + n_lo)
-    l[:, lo] = Cx[:, lo]
-    z[:, lo] = -_unif(gen, (B, n_lo), 0.5, 1.5)
-    for i in range(n_up + n_lo + 1, m, 2):
-        u[:, i] = INF
-    g = -(_mv(H, x) + _mtv(A, y) + _mtv(C, z))
-    return dict(H=H, g=g, A=A, b=_mv(A, x), C=C, l=l, u=u)
+    """:func:`families.qp_from_solution` with u dropped on every second inactive row; the problem
+    dict only."""
+    return F.qp_from_solution(B, n, p, m, n_up, n_lo, seed, "odd_inactive")[0]
 
 
 def pinned_infeasible_qp(B, seed):
