@@ -75,8 +75,8 @@ def test_end_to_end_quick_preset_writes_json_and_png(tmp_path, capsys):
     png = tmp_path / "backward-quick.png"
     if any(r["status"] == "ok" for r in data["records"]):
         assert png.exists() and png.stat().st_size > 1000
-    assert data["environment"]["allocator"] == ("default" if not harness.allocator_tuned() else
-                                                 "huge pages, freed memory kept (ALLOCATOR_ENV)")
+    assert data["environment"]["allocator"] == (harness.ALLOCATOR_TUNED_LABEL if harness.allocator_tuned()
+                                                 else "default")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator settings are for Linux (glibc, THP)")
@@ -86,7 +86,7 @@ def test_command_line_reruns_itself_with_the_allocator_settings(tmp_path):
                     "--threads", "1", "--no-plot", "--quiet", "--out", str(tmp_path)], check=True, env=env,
                    capture_output=True, timeout=300)
     data = json.loads((tmp_path / "forward-quick.json").read_text())
-    assert data["environment"]["allocator"] != "default"
+    assert data["environment"]["allocator"] == harness.ALLOCATOR_TUNED_LABEL
 
 
 def test_forward_mode_runs_alqp_and_skips_backward_only_methods():

@@ -254,9 +254,10 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
     regularization's bias. It contracts only where the system is nonsingular, so a problem whose
     residual does not fall below 1e-11 (n + k) of its scale within ``max_refine`` steps is
     reported unsolved (the caller then takes the least-squares route). That tolerance is reached
-    in two solves on well-posed systems, where round-off (1e-13) would take a third. The blocks are never assembled into the (n+k)^2 matrix:
-    an n x n factorization and block products instead of :func:`lstsq_min_norm`'s Gram matrix. On
-    a nonsingular system both return the unique solution.
+    in two solves on well-posed systems, where round-off (1e-13) would take a third. The blocks
+    are never assembled into the (n+k)^2 matrix: an n x n factorization and block products
+    instead of :func:`lstsq_min_norm`'s Gram matrix. On a nonsingular system both return the
+    unique solution.
 
     Args:
         H: (B,n,n) symmetric.  G: (B,k,n).  r1: (B,n).  r2: (B,k).

@@ -208,6 +208,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
 
     def finish(w: _Work, leaving: Tensor, status: Tensor, r: Tensor) -> tuple[_Work, Optional[Tensor]]:
         """Write the leaving problems' answers (in caller units) to the outputs and mark them done.
+        ``leaving`` holds problems not done yet (the callers mask out ``w.done``).
 
         The working set is compacted only once a quarter of it is done: a compaction copies all of
         its (B,n,n) tensors, which costs more than carrying a few finished problems along.
@@ -215,7 +216,6 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         Returns:
             The working set and, when it was compacted, the mask of the rows it kept (else None).
         """
-        leaving = leaving & ~w.done
         idx = w.index[leaving]
         mult = w.mult_cur[leaving] * w.R[leaving] / w.c[leaving].unsqueeze(-1)
         # Violation of the original constraints: the shift applied so far plus what remains.
@@ -417,7 +417,7 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") 
 
 
 # What _newton_inner reads and writes of the working set (the fields a compacted copy carries).
-_NEWTON_FIELDS = ("H", "g", "G", "GT", "lo", "hi", "mu_eq", "mu_in", "eta_in", "x", "mult", "done",
+_NEWTON_FIELDS = ("H", "g", "G", "GT", "lo", "hi", "mu_eq", "mu_in", "eta_in", "x", "mult",
                   "factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu",
                   "bound_col", "bound_val2")
 _NEWTON_CACHES = ("factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu")
@@ -479,8 +479,8 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
             break
         if 2 * stepping < Bw:
             idx = active.nonzero().squeeze(-1)
-            sub = _Work(**{name: getattr(w, name).index_select(0, idx) for name in _NEWTON_FIELDS})
-            sub.done = torch.zeros_like(sub.done)
+            sub = _Work(**{name: getattr(w, name).index_select(0, idx) for name in _NEWTON_FIELDS},
+                        done=torch.zeros_like(idx, dtype=torch.bool))
             pick = lambda t: t.index_select(0, idx)  # noqa: E731
             x_s, mult_s, Gx_s, ok_s, steps_s = _newton_inner(
                 sub, is_eq, pick(Hx), pick(Gx), rho, eye, max_steps - it, structure, pick(x), pick(full_step),
@@ -495,8 +495,8 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, rho: float, e
         stale = active & ~(w.factor_valid & (w.factor_rows == rows).all(-1) & (w.factor_mu == mu_pair).all(-1))
         if bool(stale.any()):
             sidx = stale.nonzero().squeeze(-1)
-            # (B,n,n) passes cost about half a batched product here: gather only when needed,
-            # add rho on the diagonal in place and accumulate the product into that copy.
+            # (B,n,n) passes cost about half a batched product here: gather only the stale
+            # problems' matrices, and accumulate into that copy in place.
             all_stale = sidx.numel() == Bw
             pick = (lambda t: t) if all_stale else (lambda t: t.index_select(0, sidx))
             # The equality rows are always in the Newton matrix: their product is rebuilt only

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from alqp.bench.harness import PRESETS, RunOptions, rerun_with_tuned_allocator, make_preset, run_preset
+from alqp.bench.harness import PRESETS, RunOptions, make_preset, rerun_with_tuned_allocator, run_preset
 from alqp.bench.peers import ALL_METHODS, DEFAULT_METHODS
 from alqp.bench.report import format_table, plot, write_json
 

@@ -260,12 +260,14 @@ def _reference_name_or_none() -> Optional[str]:
 # (a (100, 100, 100) float64 batch is 8 MB, at batch 1024 80 MB) comes fresh from mmap in 4 KB
 # pages and is unmapped when freed, so every such temporary page-faults anew: on the 2-core
 # benchmark machine allocating and filling 80 MB took 50 ms in 4 KB pages and 10 ms in huge pages,
-# and the torch-based methods spent 10-30% of their time there. THP_MEM_ALLOC_ENABLE makes torch
+# and alqp spent 10-30% of its time there. THP_MEM_ALLOC_ENABLE makes torch
 # ask for transparent huge pages; the MALLOC_* variables make glibc keep freed blocks of up to 32
 # MiB in the process. torch and glibc read them when they start, so they must be in the
 # environment before Python starts: see rerun_with_tuned_allocator().
 ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": "33554432",
                  "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# How results name a run made under ALLOCATOR_ENV.
+ALLOCATOR_TUNED_LABEL = "huge pages, freed memory kept (ALLOCATOR_ENV)"
 
 
 def allocator_tuned() -> bool:
@@ -305,7 +307,7 @@ def environment(options: RunOptions, threads: int) -> dict:
         "device": options.device,
         "dtype": options.dtype,
         "reference": _reference_name_or_none(),
-        "allocator": "huge pages, freed memory kept (ALLOCATOR_ENV)" if allocator_tuned() else "default",
+        "allocator": ALLOCATOR_TUNED_LABEL if allocator_tuned() else "default",
         "versions": versions,
     }
     if options.device.startswith("cuda") and torch.cuda.is_available():
