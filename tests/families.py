@@ -367,6 +367,147 @@ def infeasible_eq_vs_ineq(batch: int, n: int, p: int, m: int, seed: int = 0) -> 
     return _pack(H, g, A, b, C, l, u)
 
 
+def _sign(gen, *shape):
+    return torch.where(torch.rand(*shape, generator=gen, dtype=DTYPE) < 0.5, -1.0, 1.0).to(DTYPE)
+
+
+def _hessian(gen, batch, n, hessian):
+    if hessian == "spd":
+        return _spd(gen, batch, n)
+    if hessian == "psd":
+        return _psd(gen, batch, n, max(1, n // 2))
+    if hessian == "zero":
+        return torch.zeros(batch, n, n, dtype=DTYPE)
+    raise ValueError(f"hessian must be 'spd', 'psd' or 'zero', got {hessian!r}")
+
+
+def _repeated_both(batch, n, p, m, seed, hessian="spd", eq_scale=1.0, in_scale=1.0, boxed=False):
+    """Issue 12 (1): the last equality row repeats row j of A (times ``eq_scale``) with an
+    inconsistent right-hand side, and the last two inequality rows are c (bounds below c x0) and
+    ``in_scale`` * c (bounds above c x0 once divided by in_scale, flipped when in_scale < 0), whose
+    bound intervals are disjoint. The other rows are consistent around x0 (with slack); with
+    ``boxed`` the first n inequality rows are the box [-1, 1]^n (x0 inside [-0.5, 0.5]^n)."""
+    nb = n if boxed else 0
+    assert 2 <= p <= n and m >= nb + 2
+    gen = _gen(seed)
+    H = _hessian(gen, batch, n, hessian)
+    x0 = _rand(gen, batch, n, lo=-0.5, hi=0.5) if boxed else _randn(gen, batch, n)
+    # Equalities: p - 1 random rows, then a (scaled) copy of row j with b_j shifted by +-[0.5, 1.5].
+    A1 = _randn(gen, batch, p - 1, n)
+    j = torch.randint(0, p - 1, (batch,), generator=gen)
+    arange = torch.arange(batch)
+    A = torch.cat([A1, (eq_scale * A1[arange, j]).unsqueeze(1)], dim=1)
+    b = _matvec(A, x0)
+    b[:, -1] += _sign(gen, batch) * _rand(gen, batch, lo=0.5, hi=1.5) * abs(eq_scale)
+    # Inequalities: [box;] random rows around x0, then c with l1 <= c x <= u1 = c x0 - gap/2 and a
+    # copy with c x >= l2 = c x0 + gap/2 (the other side of each: infinite or finite, per problem).
+    R = _randn(gen, batch, m - nb - 2, n)
+    lr, ur = _bounds_around(gen, _matvec(R, x0))
+    c = _randn(gen, batch, n)
+    cx0 = (c * x0).sum(-1)
+    gap = _rand(gen, batch, lo=0.4, hi=1.2)
+    width1, width2 = _rand(gen, batch, lo=0.5, hi=2.0), _rand(gen, batch, lo=0.5, hi=2.0)
+    u1 = cx0 - gap / 2
+    l1 = torch.where(_rand(gen, batch) < 0.5, u1 - width1, torch.full_like(u1, -INF))
+    l2 = cx0 + gap / 2
+    u2 = torch.where(_rand(gen, batch) < 0.5, l2 + width2, torch.full_like(l2, INF))
+    # Row in_scale * c: in_scale * [l2, u2], ordered.
+    lo2, hi2 = in_scale * l2, in_scale * u2
+    if in_scale < 0:
+        lo2, hi2 = hi2, lo2
+    rows_C = [R, c.unsqueeze(1), (in_scale * c).unsqueeze(1)]
+    rows_l = [lr, l1.unsqueeze(1), lo2.unsqueeze(1)]
+    rows_u = [ur, u1.unsqueeze(1), hi2.unsqueeze(1)]
+    if boxed:
+        rows_C.insert(0, torch.eye(n, dtype=DTYPE).expand(batch, n, n))
+        rows_l.insert(0, -torch.ones(batch, n, dtype=DTYPE))
+        rows_u.insert(0, torch.ones(batch, n, dtype=DTYPE))
+    C, l, u = torch.cat(rows_C, 1), torch.cat(rows_l, 1), torch.cat(rows_u, 1)
+    g = _randn(gen, batch, n) if hessian == "zero" else _far_cost(gen, H, x0)
+    return _pack(H, g, A, b, C, l, u)
+
+
+def infeasible_repeated_both(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """Issue 12 (1). H positive definite; the last equality row is an exact copy of an earlier one
+    with a different right-hand side, and the last two inequality rows are the same row c with
+    disjoint bounds (c x <= u1 < l2 <= c x). The other rows are consistent at x0 (p >= 2, m >= 2)."""
+    return _repeated_both(batch, n, p, m, seed)
+
+
+def infeasible_repeated_both_lp(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """As infeasible_repeated_both with H = 0 (an LP), bounded by the box [-1, 1]^n in the first n
+    inequality rows (m >= n + 2). x is not unique in general: compare objectives."""
+    return _repeated_both(batch, n, p, m, seed, hessian="zero", boxed=True)
+
+
+def infeasible_scaled_copies(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """As infeasible_repeated_both, but the copies are scaled: the last equality row is 2 a_j with
+    a right-hand side inconsistent with a_j x = b_j, and the last inequality row is -2 c with
+    -2 c x <= -2 l2 (so c x >= l2 > u1 >= c x for the row before it)."""
+    return _repeated_both(batch, n, p, m, seed, eq_scale=2.0, in_scale=-2.0)
+
+
+def infeasible_dependent(batch: int, n: int, p: int, m: int, seed: int = 0, hessian: str = "spd") -> dict:
+    """Issue 12 (2): a dependent set of inequality rows, no two of them parallel: x_i >= 1 for the
+    k = n // 2 variables i of a random set S (per problem), and sum_{i in S} x_i <= 0 (the first
+    k + 1 rows of C, one-sided). The least-squares shift moves each x_i, i in S, to 1/(k+1). The p
+    equality rows and the other m - k - 1 inequality rows are random and hold with slack at an x0
+    with x0_i = 1/(k+1) on S (so they are consistent with the closest feasible set).
+    H positive definite (``hessian`` 'psd' or 'zero' for the variants; then add a box yourself)."""
+    k = n // 2
+    assert p < n - k and m >= k + 1
+    gen = _gen(seed)
+    H = _hessian(gen, batch, n, hessian)
+    S = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])  # (B,k)
+    inS = torch.zeros(batch, n, dtype=DTYPE).scatter_(1, S, 1.0)
+    x0 = torch.where(inS > 0, torch.full((batch, n), 1.0 / (k + 1), dtype=DTYPE), _randn(gen, batch, n))
+    A = _randn(gen, batch, p, n)
+    b = _matvec(A, x0)
+    E = torch.zeros(batch, k, n, dtype=DTYPE).scatter_(2, S.unsqueeze(-1), 1.0)
+    R = _randn(gen, batch, m - k - 1, n)
+    lr, ur = _bounds_around(gen, _matvec(R, x0))
+    C = torch.cat([E, inS.unsqueeze(1), R], dim=1)
+    l = torch.cat([torch.ones(batch, k, dtype=DTYPE), torch.full((batch, 1), -INF, dtype=DTYPE), lr], 1)
+    u = torch.cat([torch.full((batch, k), INF, dtype=DTYPE), torch.zeros(batch, 1, dtype=DTYPE), ur], 1)
+    g = _far_cost(gen, H, x0) if hessian == "spd" else _randn(gen, batch, n)
+    return _pack(H, g, A, b, C, l, u)
+
+
+def infeasible_three_way(batch: int, n: int, p: int, m: int, seed: int = 0) -> dict:
+    """A dependent triple across both blocks, no two rows parallel: the last equality row is
+    a = c1 + c2, where the last two inequality rows are c1 x <= u1, c2 x <= u2 (finite lower
+    bounds below them), and a x = b > u1 + u2 (by d1 + d2, d_i in [0.3, 0.8]). The least-squares
+    shift is s_eq = -(d1+d2)/3 on that row and s_in = (d1+d2)/3 on c1, c2 (when the consistent random
+    rows stay inactive). H positive definite (p >= 1, m >= 2)."""
+    assert 1 <= p < n and m >= 2
+    gen = _gen(seed)
+    H = _spd(gen, batch, n)
+    x0 = _randn(gen, batch, n)
+    c1, c2 = _randn(gen, batch, n), _randn(gen, batch, n)
+    A = torch.cat([_randn(gen, batch, p - 1, n), (c1 + c2).unsqueeze(1)], dim=1)
+    b = _matvec(A, x0)
+    d1, d2 = _rand(gen, batch, lo=0.3, hi=0.8), _rand(gen, batch, lo=0.3, hi=0.8)
+    u1, u2 = (c1 * x0).sum(-1) - d1, (c2 * x0).sum(-1) - d2
+    l1, l2 = u1 - _rand(gen, batch, lo=1.0, hi=2.0), u2 - _rand(gen, batch, lo=1.0, hi=2.0)
+    R = _randn(gen, batch, m - 2, n)
+    lr, ur = _bounds_around(gen, _matvec(R, x0), lo=0.5, hi=1.5)
+    C = torch.cat([R, c1.unsqueeze(1), c2.unsqueeze(1)], dim=1)
+    l = torch.cat([lr, l1.unsqueeze(1), l2.unsqueeze(1)], 1)
+    u = torch.cat([ur, u1.unsqueeze(1), u2.unsqueeze(1)], 1)
+    g = _randn(gen, batch, n)
+    return _pack(H, g, A, b, C, l, u)
+
+
+#: Issue 12's families: generator and the arguments of the reproduction (tests/ and /tmp/i12/).
+ISSUE12 = {
+    "infeasible_repeated_both": (infeasible_repeated_both, dict(n=12, p=3, m=6)),
+    "infeasible_dependent": (infeasible_dependent, dict(n=10, p=2, m=8)),
+    "infeasible_repeated_both_lp": (infeasible_repeated_both_lp, dict(n=8, p=3, m=12)),
+    "infeasible_scaled_copies": (infeasible_scaled_copies, dict(n=12, p=3, m=6)),
+    "infeasible_three_way": (infeasible_three_way, dict(n=10, p=3, m=6)),
+}
+
+
 # ----------------------------------------------------------------------------------------------
 # Mixed batches and special problems
 # ----------------------------------------------------------------------------------------------

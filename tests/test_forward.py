@@ -15,7 +15,9 @@ import torch
 
 import families as F
 import oracles as O
+import alqp.solver as alqp_solver
 from alqp import QPSolution, Settings, Status, solve_qp
+from alqp.problem import canonicalize
 
 # ----------------------------------------------------------------------------------------------
 # The families under test: generator, keyword arguments, seed.
@@ -35,6 +37,11 @@ FAMILIES = {
     "infeasible_ineq": (F.infeasible_ineq, dict(batch=8, n=10, p=2, m=9), 20),
     "infeasible_eq_vs_ineq": (F.infeasible_eq_vs_ineq, dict(batch=8, n=10, p=3, m=6), 21),
     "mixed": (F.mixed, dict(batch=14, n=8, p=2, m=12), 22),
+    # Issue 12: repeated and dependent inconsistent rows, in both blocks at once.
+    "infeasible_repeated_both": (F.infeasible_repeated_both, dict(batch=4, n=12, p=3, m=6), 25),
+    "infeasible_dependent": (F.infeasible_dependent, dict(batch=4, n=10, p=2, m=8), 26),
+    "infeasible_scaled_copies": (F.infeasible_scaled_copies, dict(batch=4, n=12, p=3, m=6), 28),
+    "infeasible_three_way": (F.infeasible_three_way, dict(batch=4, n=10, p=3, m=6), 29),
 }
 # What each family's members are: "unique" (feasible, x unique), "objective" (feasible, x not
 # unique: compare the objective and check feasibility), "infeasible" (closest feasible, x unique).
@@ -52,6 +59,10 @@ KIND = {
     "infeasible_eq_overdetermined": "infeasible",
     "infeasible_ineq": "infeasible",
     "infeasible_eq_vs_ineq": "infeasible",
+    "infeasible_repeated_both": "infeasible",
+    "infeasible_dependent": "infeasible",
+    "infeasible_scaled_copies": "infeasible",
+    "infeasible_three_way": "infeasible",
 }
 ALL = list(FAMILIES)
 FEASIBLE = [k for k in ALL if KIND.get(k) in ("unique", "objective")]
@@ -98,10 +109,16 @@ def proxsuite_oracle(name: str) -> tuple:
     return tuple(O.proxsuite_qp(**F.member(prob, i)) for i in range(F.batch_size(prob)))
 
 
-@functools.lru_cache(maxsize=None)
 def alqp(name: str, dtype: str = "float64") -> QPSolution:
+    """alqp's solution of a family, on the engine that "auto" picks in this test (conftest pins it)."""
     prob = F.to_dtype(problem(name), getattr(torch, dtype))
-    return solve_qp(**prob)
+    return _alqp_cached(name, dtype, alqp_solver.auto_engine(canonicalize(**prob)))
+
+
+@functools.lru_cache(maxsize=None)
+def _alqp_cached(name: str, dtype: str, engine: str) -> QPSolution:
+    prob = F.to_dtype(problem(name), getattr(torch, dtype))
+    return solve_qp(**prob, settings=Settings(engine=engine))
 
 
 def np_member(prob: dict, i: int):
@@ -514,6 +531,7 @@ def test_primal_infeasible_without_closest_feasible(name):
 # ----------------------------------------------------------------------------------------------
 # Warm start
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.alm_only
 @pytest.mark.parametrize("form", ["QPSolution", "tuple"])
 def test_warm_start(form):
     B = 12
@@ -599,3 +617,53 @@ def test_cuda_matches_oracle(name):
         if kind != "objective":
             assert np.abs(arr(sol.x[i]) - r.x).max() < TOL_X64, (name, i)
         assert np.abs(arr(sol.s_in[i]) - r.s_in).max(initial=0.0) < TOL_S64, (name, i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12: an LP variant (x not unique), and the stall guard
+# ----------------------------------------------------------------------------------------------
+def test_repeated_rows_lp_closest_feasible():
+    """LPs on a box with repeated inconsistent rows in both blocks: the shift is unique (checked
+    against the two-stage oracle), x is not, so its objective is compared; the multipliers are
+    finite and satisfy the shifted QP's KKT conditions."""
+    fn, kw = F.ISSUE12["infeasible_repeated_both_lp"]
+    prob = fn(batch=4, seed=27, **kw)
+    sol = solve_qp(**prob)
+    assert (sol.status == Status.CLOSEST_FEASIBLE).all(), sol.status.tolist()
+    for i in range(4):
+        H, g, A, b, C, l, u = np_member(prob, i)
+        r = O.cvxpy_closest_feasible(H, g, A, b, C, l, u)
+        x, y, z = arr(sol.x[i]), arr(sol.y[i]), arr(sol.z[i])
+        assert np.abs(arr(sol.s_eq[i]) - r.s_eq).max() < TOL_S64, i
+        assert np.abs(arr(sol.s_in[i]) - r.s_in).max() < TOL_S64, i
+        assert abs(O.objective(H, g, x) - r.obj) <= TOL_OBJ64 * max(1.0, abs(r.obj)), i
+        assert np.abs(H @ x + g + A.T @ y + C.T @ z).max() < TOL_DUAL64, i
+        assert max(np.abs(y).max(), np.abs(z).max()) < 1e3, i  # bounded: not the ALM's diverging ones
+
+
+@pytest.mark.alm_only
+def test_stall_guard_stops_a_problem_without_progress():
+    """A tolerance below what round-off allows (eps_abs 1e-14 on a problem with |x| ~ 1e4): the
+    residuals stop falling, and the problem ends STALLED after about ``stall_iter`` outer iterations
+    instead of running up to max_iter (without the guard it took 100,008 Newton steps and 379 s
+    here), while the other members of its batch are solved as usual."""
+    gen = torch.Generator().manual_seed(1)
+    prob = F.strictly_convex(3, 20, 5, 10, seed=30)
+    x0 = 1e4 * torch.randn(20, generator=gen, dtype=torch.float64)
+    bad = {k: v[0].clone() for k, v in prob.items()}
+    bad["b"] = bad["A"] @ x0
+    bad["l"], bad["u"] = bad["C"] @ x0 - 1, bad["C"] @ x0 + 1
+    bad["g"] = -bad["H"] @ x0 + 1e3 * torch.randn(20, generator=gen, dtype=torch.float64)
+    for k in prob:
+        prob[k] = prob[k].clone()
+        prob[k][0] = bad[k]
+    settings = Settings(eps_abs=1e-14, max_iter=100_000, engine="alm")
+    sol = solve_qp(**prob, settings=settings)
+    assert int(sol.status[0]) == Status.STALLED, Status(int(sol.status[0])).name
+    assert int(sol.iterations[0]) <= settings.stall_iter * settings.max_inner_iter
+    # The well-scaled members reach round-off: solved, or stopped by the guard at an accurate
+    # iterate; none runs to max_iter.
+    assert (sol.status != Status.MAX_ITER).all()
+    for i in (1, 2):
+        r = O.cvxpy_qp(**F.member(prob, i))
+        assert np.abs(arr(sol.x[i]) - r.x).max() < TOL_X64, i

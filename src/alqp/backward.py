@@ -14,18 +14,24 @@ true under small perturbations of the data (beta_i is u_i or l_i, the bound row 
     R2  A x - b - s_eq = 0                       (p)  shifted equalities
     R3  C_J x - s_J - beta_J = 0                 (|J|) active shifted inequalities (s_J = 0 off I)
     R5  A's_eq + C_I's_I = 0                     (n)  the shift is least-squares (DESIGN section 2)
-    R6  (y's_eq + z_I's_I) / nu = 0              (1)  the solver's choice among the multipliers
-                                                      (they are unique only up to a multiple of s),
-                                                      or z_i* = 0 where that choice would break the
-                                                      sign of a violated row i* (see solver.finish)
+    R6  w_V - G_V c - t s_V = 0                  (|V|) the solver's choice among the multipliers
+    R7  z_i* = 0                                 (1, only where t > 0)
 
-together with z_i = 0 off J and s_i = 0 off I, which pin those derivatives to zero. A feasible
+V are the shifted rows (equality and inequality, :func:`alqp.activity.shifted_rows`), G_V their
+rows of [A; C], w_V their multipliers and s_V their shift. The shifted rows are dependent
+(G_V's_V = 0), so their multipliers are unique only up to null(G_V'); the forward reports the part
+in range(G_V) (R6 with t = 0; c is then the smallest solution of G_V c = w_V), moved along s by
+the least t >= 0 that gives every shifted inequality row its bound's sign, which pins one row's
+multiplier at zero (R7; :func:`alqp.activity.closest_feasible_multipliers`). Where null(G_V') is
+the line through s, R6 says w_V's = 0.
+
+These hold together with z_i = 0 off J and s_i = 0 off I, which pin those derivatives to zero. A feasible
 (SOLVED) problem keeps R1-R3 only, with s = 0 and ds = 0: the QPLayer paper's convention that the
-shift of a feasible QP has derivative zero. R1-R6 is our form of the paper's map G (appendix B):
+shift of a feasible QP has derivative zero. R1-R7 is our form of the paper's map G (appendix B):
 the paper's slack t with s = [t]+ is replaced by the shift itself, and its last block C'[t]+ = 0 by
 R5, which also covers equality rows.
 
-Linearizing gives J_v dv = -J_theta dtheta for v = (x, y, z_J, s_eq, s_I). The derivative is
+Linearizing gives J_v dv = -J_theta dtheta for v = (x, y, z_J, s_eq, s_I, c, t). The derivative is
 defined, as in the paper, as the least-squares solution dv = -pinv(J_v) J_theta dtheta, so the
 backward pass is exactly its adjoint: w = pinv(J_v') (dL/dv), dL/dtheta = -w' J_theta. Where J_v
 has full column rank and the linearization is consistent (the derivative exists: strict
@@ -34,20 +40,23 @@ ordinary derivative. Where it is singular (LPs, H only PSD, dependent or weakly 
 minimum-norm least-squares solution is taken in the metric of a Ruiz equilibration of J_v', which
 makes the answer independent of the units of the data.
 
-The adjoint system J_v' w = dL/dv, unknowns w = (w1 (n), w2 (p), w3 (m, used on J), w5 (n), w6):
+The adjoint system J_v' w = dL/dv, unknowns w = (w1 (n), w2 (p), w3 (m, used on J), w5 (n),
+w6 (p+m, used on V), w7):
 
-    H w1 + A'w2 + C_J'w3_J          = dL/dx          (dx)
-    A w1 + s_eq w6/nu               = dL/dy          (dy)
-    C_J w1 + s_J w6/nu              = dL/dz_J        (dz_J)
-    -w2 + A w5 + y w6/nu            = dL/ds_eq       (ds_eq, closest-feasible only)
-    -w3_I + C_I w5 + z_I w6/nu      = dL/ds_I        (ds_I)
+    H w1 + A'w2 + C_J'w3_J                  = dL/dx          (dx)
+    A w1 + w6_eq                            = dL/dy          (dy)
+    C_J w1 + w6_in + w7 e_i*                = dL/dz_J        (dz_J)
+    -w2 + A w5 - t w6_eq                    = dL/ds_eq       (ds_eq, closest-feasible only)
+    -w3_I + C_I w5 - t w6_in                = dL/ds_I        (ds_I)
+    -G_V' w6                                = 0              (dc)
+    -s_V' w6                                = 0              (dt, only where t > 0)
 
 and the parameter gradients, read off J_theta:
 
     dL/dH = -1/2 (w1 x' + x w1')      dL/dg = -w1
-    dL/dA = -(y w1' + w2 x' + s_eq w5')     dL/db = w2
-    dL/dC = -(z w1' + w3_J x' + s_in w5')   dL/du_i = w3_i (row on its upper bound),
-                                            dL/dl_i = w3_i (row on its lower bound).
+    dL/dA = -(y w1' + w2 x' + s_eq w5' - w6_eq c')     dL/db = w2
+    dL/dC = -(z w1' + w3_J x' + s_in w5' - w6_in c')   dL/du_i = w3_i (row on its upper bound),
+                                                       dL/dl_i = w3_i (row on its lower bound).
 """
 from __future__ import annotations
 
@@ -57,6 +66,7 @@ import torch
 from torch import Tensor
 
 from alqp.linalg import cholesky_solve_rows, inf_norm, magnitudes, vm
+from alqp.activity import activity_tol, row_tolerance, shifted_rows
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -71,6 +81,7 @@ class ActiveSet(NamedTuple):
     Attributes:
         active: float 0/1, the row is in J (on a bound of the shifted set, or z_i != 0).
         violated: float 0/1, the row is shifted (s_in,i != 0; closest-feasible problems only).
+        violated_eq: (B,p) float 0/1, the equality row is shifted (s_eq,i != 0).
         upper, lower: float weights in [0,1] (upper + lower = active): which bound the row sits on,
             hence whether dL/du_i or dL/dl_i receives w3_i. A row with l_i = u_i and z_i = 0 gets
             half of each (the mean of the two one-sided derivatives).
@@ -79,37 +90,26 @@ class ActiveSet(NamedTuple):
 
     active: Tensor
     violated: Tensor
+    violated_eq: Tensor
     upper: Tensor
     lower: Tensor
     feasible: Tensor
     shifted: Tensor
 
 
-def default_active_tol(dtype: torch.dtype, settings: Optional[Settings] = None) -> float:
-    """Relative tolerance that separates active from inactive rows: the solver's own accuracy
-    eps = max(eps_abs, 100 finfo.eps) (1e-9 for the float64 default, 1.2e-5 in float32).
-
-    A row the solver left within eps of a bound, or with a multiplier above eps, is active. A
-    coarser tolerance (sqrt(eps) was tried) pins rows whose slack is small but real, e.g. the
-    entries of x >= 0 that are small and positive in OptNet's Sudoku QP, and biases the gradient:
-    53% relative error there at eps_abs = 1e-6, against 1.7e-5 with eps.
-    """
-    settings = settings or Settings()
-    return max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
-
-
-def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Tensor, status: Tensor,
+def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Tensor, s_in: Tensor, status: Tensor,
                   tol: float) -> ActiveSet:
     """Decide the active and violated inequality rows of each solution.
 
     A row is active when the shifted value C_i x - s_in,i lies within ``tol * (1 + |C_i||x| + |bound|)``
     of a finite bound, or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
     |Hx|, |g|, |A'y|, |C'z|, +1) divided by |C_i|_inf. A row is violated when |s_in,i| exceeds the
-    first tolerance (closest-feasible problems only); violated rows are active.
+    first tolerance (closest-feasible problems only; :func:`alqp.activity.shifted_rows`, which
+    also tells the shifted equality rows); violated rows are active.
 
     Args:
-        problem: the canonical batch.  x (B,n), y (B,p), z (B,m), s_in (B,m), status (B,).
-        tol: relative tolerance, see :func:`default_active_tol`.
+        problem: the canonical batch.  x (B,n), y (B,p), z (B,m), s_eq (B,p), s_in (B,m), status (B,).
+        tol: relative tolerance, see :func:`activity_tol`.
 
     Returns:
         :class:`ActiveSet`.
@@ -117,10 +117,8 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Ten
     C, l, u = problem.C, problem.l, problem.u
     fin_l, fin_u = torch.isfinite(l), torch.isfinite(u)
     zero = torch.zeros_like(l)
-    bound_size = torch.maximum(torch.where(fin_l, l.abs(), zero), torch.where(fin_u, u.abs(), zero))
     absC = C.abs()
-    row_scale = 1.0 + vm(x.abs(), absC.transpose(-1, -2)) + bound_size
-    ptol = tol * row_scale
+    ptol = row_tolerance(C, l, u, x, tol)
     r = vm(x, C.transpose(-1, -2)) - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
     on_u = fin_u & ((r - torch.where(fin_u, u, zero)).abs() <= ptol)
     on_l = fin_l & ((r - torch.where(fin_l, l, zero)).abs() <= ptol)
@@ -134,7 +132,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Ten
     tiny = torch.finfo(x.dtype).tiny
     z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(tiny)
     z_up, z_lo = z > z_tol, z < -z_tol
-    violated = shifted.unsqueeze(-1) & (s_in.abs() > ptol)
+    violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
     ok = (feasible | shifted).unsqueeze(-1)
     active = ok & (violated | z_up | z_lo | on_u | on_l)
 
@@ -147,7 +145,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_in: Ten
                     torch.where(on_u & on_l, half, on_u.to(l.dtype)))))
     upper = torch.where(active, upper, zero)
     lower = torch.where(active, one - upper, zero)
-    return ActiveSet(active.to(l.dtype), violated.to(l.dtype), upper, lower, feasible, shifted)
+    return ActiveSet(active.to(l.dtype), violated.to(l.dtype), violated_eq.to(l.dtype), upper, lower, feasible, shifted)
 
 
 def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]:
@@ -347,7 +345,7 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
     H, A, C = P.H, P.A, P.C
     B, n, p, m = P.batch_size, P.n, P.p, P.m
     a, v = act.active, act.violated
-    At, Ct = A.transpose(-1, -2), C.transpose(-1, -2)
+    At = A.transpose(-1, -2)
     Ca = a.unsqueeze(-1) * C  # D_a C
     Z = lambda r, c: H.new_zeros(B, r, c)  # noqa: E731
     if not full:
@@ -360,32 +358,36 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
         return M, rhs
 
     phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
-    s_eq = phi * s_eq
-    s_v = v * s_in
-    z_v = v * z
-    # R6 is scaled to a unit row: its scale is arbitrary, and this keeps the system balanced.
-    nu = torch.sqrt((s_eq * s_eq).sum(-1) + (s_v * s_v).sum(-1) + (phi * y * y).sum(-1) + (z_v * z_v).sum(-1))
-    inv_nu = torch.where(nu > 0, 1.0 / torch.where(nu > 0, nu, torch.ones_like(nu)), torch.zeros_like(nu))
-    inv_nu = (inv_nu * phi.squeeze(-1)).unsqueeze(-1)
-    eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
-    # Which multipliers the forward chose on the ray (y, z) + t (s_eq, s_in): the orthogonal one
-    # (R6 as above), or, where that one breaks a violated row's sign, the one that moved just far
-    # enough for it: z_i* = 0 on that row (R6': the w6 column is then e_i* in the dz block).
-    orth = (phi * y * s_eq).sum(-1) + (z_v * s_v).sum(-1)
-    orth_scale = (phi * y * s_eq).abs().sum(-1) + (z_v * s_v).abs().sum(-1)
-    pinned = (act.shifted & (orth.abs() > 1e-6 * orth_scale)).to(H.dtype).unsqueeze(-1)
+    V = torch.cat([act.violated_eq, v], -1)  # the shifted rows, (B,k)
+    k = p + m
+    G = torch.cat([A, C], -2)
+    s_V = V * torch.cat([s_eq, s_in], -1)
+    w_V = V * torch.cat([y, z], -1)
+    # R6: w_V = G_V c + t s_V. t > 0 only where the forward had to move along s to give a shifted
+    # row its sign (activity.closest_feasible_multipliers); that row's z is then 0 (R7).
+    s2 = (s_V * s_V).sum(-1)
+    t = (w_V * s_V).sum(-1) / torch.where(s2 > 0, s2, torch.ones_like(s2))
+    pinned = act.shifted & (t.abs() * s2 > 1e-6 * (w_V * s_V).abs().sum(-1)) & (s2 > 0)
+    t = torch.where(pinned, t, torch.zeros_like(t))
     candidates = torch.where(v > 0, z.abs(), torch.full_like(z, float("inf")))
-    pin_row = torch.nn.functional.one_hot(candidates.argmin(-1), m).to(H.dtype) if m else z.new_zeros(B, 0)
-    keep = 1.0 - pinned
-    col = lambda t: (t * inv_nu * keep).unsqueeze(-1)  # noqa: E731  a (B,k) vector as the w6 column
+    pin_row = (torch.nn.functional.one_hot(candidates.argmin(-1), m).to(H.dtype) if m else z.new_zeros(B, 0))
+    pin_row = pin_row * pinned.to(H.dtype).unsqueeze(-1)
+    pin_col = pinned.to(H.dtype)[:, None, None]
+    eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
+    D_V = torch.diag_embed(V)
+    tD_V = t[:, None, None] * D_V
+    GV_T = (V.unsqueeze(-1) * G).transpose(-1, -2)
     M = torch.cat([
-        torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, 1)], -1),
-        torch.cat([A, Z(p, p), Z(p, m), Z(p, n), col(s_eq)], -1),
-        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), col(s_v) + (pinned * pin_row).unsqueeze(-1)], -1),
-        torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, col(phi * y)], -1),
-        torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, col(z_v)], -1),
+        # columns: w1 (R1), w2 (R2), w3 (R3), w5 (R5), w6 (R6), w7 (R7)
+        torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, k), Z(n, 1)], -1),  # dx
+        torch.cat([A, Z(p, p), Z(p, m), Z(p, n), D_V[:, :p], Z(p, 1)], -1),  # dy
+        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), D_V[:, p:], pin_row.unsqueeze(-1)], -1),  # dz
+        torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, -tD_V[:, :p], Z(p, 1)], -1),  # ds_eq
+        torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, -tD_V[:, p:], Z(m, 1)], -1),  # ds_in
+        torch.cat([Z(n, n), Z(n, p), Z(n, m), Z(n, n), -GV_T, Z(n, 1)], -1),  # dc
+        torch.cat([Z(1, n), Z(1, p), Z(1, m), Z(1, n), -pin_col * s_V.unsqueeze(-2), Z(1, 1)], -1),  # dt
     ], -2)
-    rhs = torch.cat([gx, gy, a * gz, phi * gse, v * gsi], -1)
+    rhs = torch.cat([gx, gy, a * gz, phi * gse, v * gsi, H.new_zeros(B, n + 1)], -1)
     return M, rhs
 
 
@@ -396,7 +398,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     """Gradients of a loss with respect to the QP data, by implicit differentiation.
 
     See the module docstring for the equations. Problems whose status is neither SOLVED nor
-    CLOSEST_FEASIBLE (MAX_ITER, DUAL_INFEASIBLE, NUMERICAL_ERROR, PRIMAL_INFEASIBLE) get zero
+    CLOSEST_FEASIBLE (MAX_ITER, STALLED, DUAL_INFEASIBLE, NUMERICAL_ERROR, PRIMAL_INFEASIBLE) get zero
     gradients: their x, y, z are not a solution, so no derivative is defined.
 
     Args:
@@ -406,14 +408,14 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         grad_x (B,n), grad_y (B,p), grad_z (B,m), grad_s_eq (B,p), grad_s_in (B,m): dL/d(output);
             None means zero.
         settings: the forward's :class:`Settings` (sets the default activity tolerance).
-        active_tol: override of :func:`default_active_tol`.
+        active_tol: override of :func:`activity_tol`.
 
     Returns:
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above,
         in the problem's dtype and device; dL/dH is symmetric; dL/dl, dL/du are 0 at infinite bounds.
     """
     out_dtype = problem.H.dtype
-    tol = active_tol if active_tol is not None else default_active_tol(out_dtype, settings)
+    tol = active_tol if active_tol is not None else activity_tol(out_dtype, settings)
     P = QPProblem(**{k: t.to(WORK_DTYPE) for k, t in problem.tensors().items()},
                   batched=problem.batched, unbatched=problem.unbatched)
     B, n, p, m = P.batch_size, P.n, P.p, P.m
@@ -427,7 +429,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
 
-    act = classify_rows(P, x, y, z, s_in, status, tol)
+    act = classify_rows(P, x, y, z, s_eq, s_in, status, tol)
     ok = act.feasible | act.shifted
     # Keep non-finite values of problems that get no gradient out of the arithmetic.
     fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
@@ -439,6 +441,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     w2 = P.H.new_zeros(B, p)
     w3 = P.H.new_zeros(B, m)
     w5 = P.H.new_zeros(B, n)
+    w6 = P.H.new_zeros(B, p + m)
+    c = P.H.new_zeros(B, n)
     # Feasible problems need only the symmetric KKT block; closest-feasible ones the full system.
     for group, full in ((act.feasible, False), (act.shifted, True)):
         idx = group.nonzero().squeeze(-1)
@@ -468,6 +472,12 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         w3[idx] = w[:, n + p:n + p + m] * act_g.active
         if full:
             w5[idx] = w[:, n + p + m:n + p + m + n]
+            V = torch.cat([act_g.violated_eq, act_g.violated], -1)
+            w6[idx] = V * w[:, 2 * n + p + m:2 * n + 2 * (p + m)]
+            # R6's c: the smallest with G_V c = the shifted rows' multipliers (up to t s_V, which
+            # is orthogonal to range(G_V)).
+            G_V = V.unsqueeze(-1) * torch.cat([P_g.A, P_g.C], -2)
+            c[idx] = vm(V * torch.cat([sub(y), sub(z)], -1), torch.linalg.pinv(G_V, rtol=1e-10).transpose(-1, -2))
 
     def outer_sum(left: list, right: list) -> Tensor:
         """sum_j left_j right_j' for (B,r) left_j and (B,c) right_j, as one (B,r,J) @ (B,J,c)
@@ -479,9 +489,9 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     grads = {
         "H": outer_sum([w1, x], [x, w1]).mul_(-0.5),
         "g": -w1,
-        "A": outer_sum([y, w2, s_eq_used], [w1, x, w5]).neg_(),
+        "A": outer_sum([y, w2, s_eq_used, -w6[:, :p]], [w1, x, w5, c]).neg_(),
         "b": w2,
-        "C": outer_sum([z, w3, s_in_used], [w1, x, w5]).neg_(),
+        "C": outer_sum([z, w3, s_in_used, -w6[:, p:]], [w1, x, w5, c]).neg_(),
         "l": torch.where(torch.isfinite(P.l), act.lower * w3, torch.zeros_like(w3)),
         "u": torch.where(torch.isfinite(P.u), act.upper * w3, torch.zeros_like(w3)),
     }

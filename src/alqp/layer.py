@@ -22,7 +22,7 @@ gradients (each (B, k)), and returns the gradients of "H", "g", "A", "b", "C", "
 batched shapes. This module then reduces them to the shapes the caller gave (summing over the batch for a
 shared input) and casts them to the inputs' dtype and device.
 
-Non-converged problems: a problem whose status is MAX_ITER, DUAL_INFEASIBLE, NUMERICAL_ERROR or
+Non-converged problems: a problem whose status is MAX_ITER, STALLED, DUAL_INFEASIBLE, NUMERICAL_ERROR or
 PRIMAL_INFEASIBLE contributes zero gradient to every input (its outputs are not a solution, so they
 have no derivative); check ``QPSolution.status`` to detect it.
 """

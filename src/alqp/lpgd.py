@@ -84,11 +84,11 @@ the implicit backward's convention), so a loss on s contributes nothing there.
 Closest-feasible problems
 -------------------------
 For CLOSEST_FEASIBLE problems the re-solve perturbs the same data and the same formulas apply to
-the solver's (finite) multipliers. Those are unique only up to adding a multiple of the shift s =
-(s_eq, s_in) (A's_eq + C's_in = 0), and the solver picks the multiple by a normalization of its
-own; so the re-solve's multipliers are first aligned to the forward's: lambda_tau <- lambda* +
-(lambda_tau - lambda*) with its component along s removed (x is invariant under moving (b, l, u)
-along s, so the exact adjoint has none). On violated rows z is attributed to the bound the row
+the solver's (finite) multipliers. Those are unique only up to adding a vector of null(G_V'),
+G_V the shifted rows of [A; C] (they are dependent: A's_eq + C's_in = 0), and the solver picks one
+by a rule of its own; so the re-solve's multipliers are first aligned to the forward's: lambda_tau
+<- lambda* + (lambda_tau - lambda*) with its component in null(G_V') removed (x does not see that
+subspace, so the exact adjoint has none there). On violated rows z is attributed to the bound the row
 violates whatever its sign. Then, as tau -> 0 (checked in tests/test_lpgd.py):
 - losses on x and s: dL/dH, dL/dg, dL/db, dL/dl, dL/du equal the implicit gradient; dL/dA and
   dL/dC differ from it by a rank-one term s w' (stacked over [A; C]): the dependence of the
@@ -113,7 +113,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alqp.linalg import vm
+from alqp.activity import activity_tol, shifted_rows
+from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 from alqp.solver import QPSolution, solve_problem
@@ -205,28 +206,20 @@ def lagrangian_data_gradient(x: Tensor, y: Tensor, z: Tensor, above: Optional[Te
 
 
 def violated_rows(problem: QPProblem, solution: QPSolution,
-                  settings: Optional[Settings] = None) -> tuple[Tensor, Tensor]:
-    """Rows shifted above / below their bounds (closest-feasible problems only).
-
-    A row counts as violated when |s_in,i| exceeds sqrt(eps) * (1 + |C_i||x| + |finite bound|), with
-    eps the forward's effective tolerance: the solver's round-off on a row that is merely active
-    sits far below that, a true violation of a nondegenerate infeasible QP far above.
+                  settings: Optional[Settings] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows shifted above / below their bounds, and shifted equality rows (closest-feasible
+    problems only), by the definition the forward and the implicit backward use
+    (:func:`alqp.activity.shifted_rows` at :func:`alqp.activity.activity_tol`).
 
     Returns:
-        (above, below), (B,m) float 0/1.
+        (above, below) (B,m) and the shifted equality rows (B,p), float 0/1.
     """
-    settings = settings or Settings()
     dtype = solution.x.dtype
-    eps = max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
-    l, u, s = problem.l, problem.u, solution.s_in
-    zero = torch.zeros_like(s)
-    bound = torch.maximum(torch.where(torch.isfinite(l), l.abs(), zero),
-                          torch.where(torch.isfinite(u), u.abs(), zero))
-    tol = eps ** 0.5 * (1.0 + vm(solution.x.abs(), problem.C.abs().transpose(-1, -2)) + bound)
-    shifted = (solution.status == int(Status.CLOSEST_FEASIBLE)).unsqueeze(-1)
-    above = shifted & (s > tol)
-    below = shifted & (s < -tol)
-    return above.to(dtype), below.to(dtype)
+    shifted = solution.status == int(Status.CLOSEST_FEASIBLE)
+    eq, ineq = shifted_rows(problem.A, problem.b, problem.C, problem.l, problem.u, solution.x,
+                            solution.s_eq, solution.s_in, shifted, activity_tol(dtype, settings))
+    s = solution.s_in
+    return (ineq & (s > 0)).to(dtype), (ineq & (s < 0)).to(dtype), eq.to(dtype)
 
 
 def perturbed_problem(problem: QPProblem, x_star: Tensor, gx: Tensor, gy: Tensor, gz: Tensor,
@@ -251,22 +244,22 @@ def perturbed_problem(problem: QPProblem, x_star: Tensor, gx: Tensor, gy: Tensor
                    l=problem.l - step * gz, u=problem.u - step * gz)
 
 
-def _align_multipliers(lam: Tensor, lam0: Tensor, s0: Tensor) -> Tensor:
-    """lam0 + (lam - lam0) with its component along the shift s0 removed.
+def _align_multipliers(lam: Tensor, lam0: Tensor, G: Tensor, rows: Tensor) -> Tensor:
+    """lam0 + (lam - lam0) with its component in null(G_V') removed (V: the shifted rows).
 
-    The multipliers (y, z) of a closest-feasible QP are unique only up to adding t * s (the solver
-    picks t by a normalization of its own), so the re-solve's may differ from the forward's by a
-    multiple of s that is no response to the perturbation. The part of the solution map that is
-    well defined, x, is invariant under moving (b, l, u) along s, so its adjoint has no component
-    along s: dropping that component of the difference gives it exactly. A no-op where s0 = 0.
+    The multipliers (y, z) of a closest-feasible QP are unique only up to that subspace (the
+    forward picks one element by a rule of its own, :func:`alqp.activity.closest_feasible_multipliers`),
+    so the re-solve's may differ from the forward's by a vector of it that is no response to the
+    perturbation. The part of the solution map that is well defined, x, does not see that
+    subspace, so its adjoint has no component there: dropping it from the difference gives it
+    exactly. A no-op where no row is shifted.
 
     Args:
-        lam, lam0, s0: (B,p+m), the re-solve's and the forward's (y, z) and the forward's shift.
+        lam, lam0: (B,p+m), the re-solve's and the forward's (y, z).
+        G: (B,p+m,n) the rows [A; C].  rows: (B,p+m) bool, the forward's shifted rows.
     """
     d = lam - lam0
-    s2 = (s0 * s0).sum(-1, keepdim=True)
-    t = (d * s0).sum(-1, keepdim=True) / torch.where(s2 > 0, s2, torch.ones_like(s2))
-    return lam0 + d - t * s0
+    return lam0 + d - project_out_row_range(G, rows, d)
 
 
 def _cat_problems(a: QPProblem, b: QPProblem) -> QPProblem:
@@ -322,8 +315,8 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
 
     # The shift is a function of x and the data (module docstring): its loss moves to x, plus the
     # explicit terms added at the end. Zero for SOLVED problems (their shift is identically 0).
-    above, below = violated_rows(problem, solution, settings)
-    gse = torch.where(shifted.unsqueeze(-1), gse, torch.zeros_like(gse))
+    above, below, eq_rows = violated_rows(problem, solution, settings)
+    gse = eq_rows * gse
     gsi = (above + below) * gsi
     gx_eff = gx + vm(gse, problem.A) + vm(gsi, problem.C)
 
@@ -370,10 +363,11 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         up0, lo0 = above[idx].to(W), below[idx].to(W)
         q_star = lagrangian_data_gradient(to_w(x0), to_w(y0), to_w(z0), up0, lo0)
         lam0 = torch.cat([to_w(y0), to_w(z0)], -1)
-        s0 = torch.cat([solution.s_eq[idx], solution.s_in[idx]], -1).to(W)
+        G0 = torch.cat([P.A, P.C], -2).to(W)
+        rows0 = torch.cat([eq_rows[idx], above[idx] + below[idx]], -1) > 0
         xs = to_w(re.x).view(k, -1, n)
         lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, -1, p + m)
-        lams = [_align_multipliers(lam, lam0, s0) for lam in lam_re]
+        lams = [_align_multipliers(lam, lam0, G0, rows0) for lam in lam_re]
         q = [lagrangian_data_gradient(xs[i], lams[i][:, :p], lams[i][:, p:], up0, lo0) for i in range(k)]
         if opts.variant == "right":
             diff = {name: (q[0][name] - q_star[name]) / tau_ for name in q_star}

@@ -16,6 +16,9 @@ class Status(enum.IntEnum):
     MAX_ITER: the iteration budget ran out before the tolerances were met.
     DUAL_INFEASIBLE: the QP is unbounded below (a certificate direction was found).
     NUMERICAL_ERROR: a factorization failed or a non-finite value appeared.
+    STALLED: no progress for ``Settings.stall_iter`` outer iterations (no residual halved, no
+        penalty change, no move to the closest feasible QP): the problem was stopped so that it
+        does not hold the batch; x, y, z are its last iterate and get no gradient.
     """
 
     SOLVED = 0
@@ -24,6 +27,7 @@ class Status(enum.IntEnum):
     MAX_ITER = 3
     DUAL_INFEASIBLE = 4
     NUMERICAL_ERROR = 5
+    STALLED = 6
 
 
 @dataclass
@@ -37,6 +41,11 @@ class Settings:
         eps_rel: relative tolerance, multiplied by the largest norm of the terms of each residual.
         max_iter: maximum number of outer (multiplier) iterations.
         max_inner_iter: maximum number of semi-smooth Newton steps within one outer iteration.
+        stall_iter: a problem that makes no progress for this many outer iterations in a row
+            ends with status STALLED. Progress: its primal, dual or closest-feasible residual
+            falls below half its best so far, its penalties change, or it moves to its closest
+            feasible QP. Bounds the work a bad problem can cost the batch to about
+            ``stall_iter * max_inner_iter`` Newton steps after its last progress.
         rho: proximal weight on the primal variable (scaled units); makes every Newton system
             positive definite, LPs included.
         mu_eq: initial penalty of the equality rows (ProxQP's mu_eq; smaller is stiffer).
@@ -52,12 +61,19 @@ class Settings:
             CLOSEST_FEASIBLE (True), or report PRIMAL_INFEASIBLE (False).
         eps_dual_inf: relative tolerance of the unboundedness certificate.
         verbose: print one line of residuals per outer iteration.
+        engine: the forward engine. "alm": the batched proximal augmented-Lagrangian solver
+            (any device, every status). "active_set": DAQP, a dual active-set solver, one problem
+            at a time on the CPU in float64; an answer is kept only where it passes alqp's own
+            residual checks at ``eps_abs``/``eps_rel``, and the other problems (infeasible ones
+            among them) go to the ALM. "auto": "active_set" for CPU tensors, "alm" on other devices
+            (or where daqp is not installed).
     """
 
     eps_abs: float = 1e-9
     eps_rel: float = 0.0
     max_iter: int = 1000
     max_inner_iter: int = 50
+    stall_iter: int = 50
     rho: float = 1e-6
     mu_eq: float = 1e-3
     mu_in: float = 1e-1
@@ -67,6 +83,7 @@ class Settings:
     closest_feasible: bool = True
     eps_dual_inf: float = 1e-4
     verbose: bool = False
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("eps_abs", "rho", "mu_eq", "mu_in", "eps_dual_inf"):
@@ -78,8 +95,10 @@ class Settings:
             raise ValueError(f"Settings.mu_min must be positive or None, got {self.mu_min!r}")
         if not 0 < self.mu_update_factor < 1:
             raise ValueError(f"Settings.mu_update_factor must lie in (0, 1), got {self.mu_update_factor!r}")
-        for name in ("max_iter", "max_inner_iter"):
+        for name in ("max_iter", "max_inner_iter", "stall_iter"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Settings.{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.engine not in ("auto", "active_set", "alm"):
+            raise ValueError(f"Settings.engine must be 'auto', 'active_set' or 'alm', got {self.engine!r}")
         if int(self.scaling_iter) < 0:
             raise ValueError(f"Settings.scaling_iter must be non-negative, got {self.scaling_iter!r}")

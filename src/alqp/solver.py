@@ -11,14 +11,14 @@ stopping are measured in the caller's units.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from alqp.activity import activity_tol, closest_feasible_multipliers, shifted_rows
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
-from alqp.problem import QPProblem, Scaling, canonicalize, ruiz_equilibrate
+from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
 
 
@@ -29,10 +29,16 @@ class QPSolution(NamedTuple):
         x: (B,n) primal solution (of the closest feasible QP when the QP is infeasible).
         y: (B,p) multipliers of A x = b.
         z: (B,m) multipliers of l <= C x <= u: positive at the upper bound, negative at the lower.
-        s_eq: (B,p) closest-feasible shift of the equality rows, A x - b (exactly 0 when SOLVED).
-        s_in: (B,m) shift of the inequality rows, C x - clip(C x, l, u) (exactly 0 when SOLVED).
+            For a closest-feasible QP the multipliers of its shifted rows are not unique; alqp
+            reports the choice of :func:`alqp.activity.closest_feasible_multipliers`, which the
+            backward differentiates.
+        s_eq: (B,p) closest-feasible shift of the equality rows, A x - b on the shifted rows
+            (:func:`alqp.activity.shifted_rows`) and 0 elsewhere (exactly 0 when SOLVED).
+        s_in: (B,m) shift of the inequality rows, C x - clip(C x, l, u) on the shifted rows and 0
+            elsewhere (exactly 0 when SOLVED).
         status: (B,) int64, values of :class:`alqp.Status`.
-        iterations: (B,) int64, semi-smooth Newton steps taken (the unit of work).
+        iterations: (B,) int64, the work done: the ALM's semi-smooth Newton steps, or DAQP's
+            active-set iterations for the problems the active-set engine answered.
     """
 
     x: Tensor
@@ -108,17 +114,50 @@ class _Work:
 
 
 
+def auto_engine(problem: QPProblem) -> str:
+    """The engine ``Settings(engine="auto")`` picks: the active-set engine for CPU tensors when
+    its dependency (daqp) imports, else the ALM."""
+    if problem.H.device.type != "cpu":
+        return "alm"
+    try:
+        import daqp  # noqa: F401
+    except ImportError:
+        return "alm"
+    return "active_set"
+
+
 def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
     """Solve a canonical batch (every tensor with its batch dimension); no autograd.
+
+    With the active-set engine (``Settings.engine``), the problems it does not certify as
+    SOLVED (infeasible, unbounded, dependent equality rows, a tolerance missed) are re-solved by
+    the ALM, so every status means what it means for the ALM.
 
     Args:
         problem: :class:`QPProblem` from :func:`alqp.problem.canonicalize`.
         settings: :class:`Settings`.
-        warm_start: None, a :class:`QPSolution` or a tuple (x, y, z) in the caller's units.
+        warm_start: None, a :class:`QPSolution` or a tuple (x, y, z) in the caller's units (the
+            ALM's; the active-set engine starts cold).
 
     Returns:
         :class:`QPSolution`, batched.
     """
+    engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
+    if engine == "active_set":
+        from alqp.active_set import solve_active_set  # numpy and daqp only when used
+        ws = _batched_warm_start(warm_start, problem)  # (validated even where it is not needed)
+        solution, certified = solve_active_set(problem, settings)
+        if bool(certified.all()):
+            return solution
+        rest = (~certified).nonzero().squeeze(-1)
+        ws = None if ws is None else [t.index_select(0, rest) for t in ws]
+        fallback = solve_alm(problem.select(rest), settings, ws)
+        return QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback)))
+    return solve_alm(problem, settings, warm_start)
+
+
+def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
+    """The proximal augmented-Lagrangian engine on a canonical batch (see :func:`solve_problem`)."""
     dtype, device = problem.H.dtype, problem.H.device
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
     k = p + m
@@ -166,6 +205,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         H=scaled.H, g=scaled.g, G=G, GT=GT, absG=G.abs(), absGT=GT.abs(),
         lo=torch.cat([scaled.b, scaled.l], dim=-1), hi=torch.cat([scaled.b, scaled.u], dim=-1),
         D=scaling.D, R=R, c=scaling.c, index=torch.arange(B, device=device),
+        H_size=scaled.H.abs().amax((-2, -1)) if n else scaled.H.new_zeros(B),
         done=torch.zeros(B, dtype=torch.bool, device=device),  # answered, left in until a compaction
         x=x,
         mult=w0,  # the accepted multipliers [y; z], centres of the proximal terms
@@ -174,6 +214,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         shift=scaled.H.new_zeros(B, k),
         iterations=torch.zeros(B, dtype=torch.int64, device=device),
         primal_prev=scaled.H.new_full((B,), float("inf")),  # primal residual one outer iteration ago
+        # The stall guard: the best residuals (primal, dual, closest-feasible) so far and the outer
+        # iterations since one of them last halved (or the penalties or the shift changed).
+        best=scaled.H.new_full((B, 3), float("inf")),
+        since_progress=torch.zeros(B, dtype=torch.int64, device=device),
         # The Cholesky factor of the last Newton matrix and what it was built for: while the
         # active set and the penalties stay, Newton steps reuse it.
         factor=scaled.H.new_zeros(B, n, n),
@@ -189,23 +233,6 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
     )
     eye = torch.eye(n, dtype=dtype, device=device)
 
-    def remove_shift_component(mult: Tensor, s: Tensor, keep_signs: bool = False) -> Tensor:
-        """The closest feasible QP's multipliers are unique only up to adding t * s (because
-        A's_eq + C's_in = 0), and the ALM's grow along s without bound. Return mult + t s with the
-        smallest norm: t = -<mult, s>/|s|^2, raised where needed (``keep_signs``) so that every
-        shifted inequality row keeps the sign of the bound it sits on (z_i >= 0 where s_i > 0,
-        z_i <= 0 where s_i < 0)."""
-        s_norm2 = (s * s).sum(-1)
-        t = -(mult * s).sum(-1) / torch.where(s_norm2 > 0, s_norm2, torch.ones_like(s_norm2))
-        if keep_signs:
-            # Row i keeps its sign for t >= -mult_i / s_i.
-            # (Rows shifted by round-off only, |s_i| below 1e-6 of the largest shift, are left out:
-            # their -mult_i/s_i is noise.)
-            sign_rows = ~is_eq & (s.abs() > 1e-6 * inf_norm(s).unsqueeze(-1))
-            limit = torch.where(sign_rows, -mult / torch.where(sign_rows, s, torch.ones_like(s)), torch.full_like(s, -float("inf")))
-            t = torch.maximum(t, limit.amax(-1) if s.shape[-1] else t)
-        return mult + t.unsqueeze(-1) * s
-
     def finish(w: _Work, leaving: Tensor, status: Tensor, r: Tensor) -> tuple[_Work, Optional[Tensor]]:
         """Write the leaving problems' answers (in caller units) to the outputs and mark them done.
         ``leaving`` holds problems not done yet (the callers mask out ``w.done``).
@@ -218,16 +245,24 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         """
         idx = w.index[leaving]
         mult = w.mult_cur[leaving] * w.R[leaving] / w.c[leaving].unsqueeze(-1)
-        # Violation of the original constraints: the shift applied so far plus what remains.
-        s = r[leaving] + w.shift[leaving] / w.R[leaving]
+        x = w.x[leaving] * w.D[leaving]
         st = status[leaving]
-        shifted = ((st == Status.CLOSEST_FEASIBLE) | (st == Status.PRIMAL_INFEASIBLE)).unsqueeze(-1)
-        out_x[idx] = w.x[leaving] * w.D[leaving]
-        # Among the closest feasible QP's multipliers (a ray along s) report the smallest one
-        # whose inequality multipliers have their bounds' signs; the backward differentiates the
-        # same choice (backward.py, R6).
-        out_w[idx] = torch.where(shifted, remove_shift_component(mult, s, keep_signs=True), mult)
-        out_s[idx] = torch.where(shifted, s, torch.zeros_like(s))
+        out_x[idx] = x
+        out_w[idx] = mult
+        shifted = (st == Status.CLOSEST_FEASIBLE) | (st == Status.PRIMAL_INFEASIBLE)
+        if bool(shifted.any()):
+            sidx, x = idx[shifted], x[shifted]
+            # Violation of the original constraints: the shift applied so far plus what remains;
+            # on the rows that are not really shifted that is round-off, reported as 0.
+            s = (r[leaving] + w.shift[leaving] / w.R[leaving])[shifted]
+            A, C = problem.A[sidx], problem.C[sidx]
+            rows = torch.cat(shifted_rows(A, problem.b[sidx], C, problem.l[sidx], problem.u[sidx], x, s[:, :p], s[:, p:],
+                                          torch.ones_like(sidx, dtype=torch.bool), activity_tol(dtype, settings)), -1)
+            s = torch.where(rows, s, torch.zeros_like(s))
+            out_s[sidx] = s
+            # The multipliers of the shifted rows are not unique: report alqp's choice, which the
+            # backward differentiates (activity.closest_feasible_multipliers).
+            out_w[sidx] = closest_feasible_multipliers(torch.cat([A, C], -2), rows, mult[shifted], s, is_eq)
         out_status[idx] = st
         out_iter[idx] = w.iterations[leaving]
         w.done = w.done | leaving
@@ -257,8 +292,15 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         w.shift[idx] += s
         w.lo[idx] += s
         w.hi[idx] += s
-        mult = remove_shift_component(w.mult_cur[idx], r_s)
+        # The multipliers grew without bound along null(G_V') of the shifted rows V (by different
+        # penalties on equality and inequality rows, so not along s alone): restart the shifted,
+        # now feasible, QP from their bounded part.
+        moved = s.abs() > 1e-6 * inf_norm(s).unsqueeze(-1)
+        mult = w.mult_cur[idx]
+        mult = mult - project_out_row_range(w.G[idx], moved, mult)
         w.mult[idx], w.mult_cur[idx] = mult, mult
+        w.since_progress[idx] = 0
+        w.best[idx] = float("inf")
         for name, v in fresh_penalties(idx.numel(), w.x).items():
             getattr(w, name)[idx] = v
 
@@ -283,12 +325,18 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         # point would project a wrong shift.)
         stalled = (primal > eps_p) & (primal >= 0.9 * w.primal_prev) & (infeas <= 0.1 * primal)
         w.primal_prev = primal
+        residuals = torch.stack([natural, dual, infeas], -1)
+        progress = (residuals < 0.5 * w.best).any(-1)
+        w.best = torch.where(progress.unsqueeze(-1), torch.minimum(w.best, residuals), w.best)
+        w.since_progress = torch.where(progress, 0, w.since_progress + 1)
         infeasible = ~solved & at_floor & (primal > eps_p) & (stationary | stalled) & (dual <= 10 * eps_d)
         was_shifted = (w.shift != 0).any(-1)
         status = torch.where(solved & ~was_shifted, int(Status.SOLVED), int(Status.CLOSEST_FEASIBLE))
         bad = ~(torch.isfinite(w.x).all(-1) & torch.isfinite(primal) & torch.isfinite(dual))
         status = torch.where(bad, int(Status.NUMERICAL_ERROR), status)
-        leaving = solved | bad
+        stalled_out = ~solved & ~bad & ~infeasible & (w.since_progress >= settings.stall_iter)
+        status = torch.where(stalled_out, int(Status.STALLED), status)
+        leaving = solved | bad | stalled_out
         if not settings.closest_feasible:
             infeasible = infeasible & stationary
             status = torch.where(infeasible & ~solved & ~bad, int(Status.PRIMAL_INFEASIBLE), status)
@@ -336,6 +384,7 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         # (a dual residual r_s is r_s / (c D) in the caller's units).
         eta_floor = 0.1 * eps_abs * w.c * w.D.amin(-1)
         w.eta_in = torch.maximum(torch.where(accept, w.eta_in * w.mu_in, mu_in_next), eta_floor)
+        w.since_progress = torch.where((mu_in_next != w.mu_in) | (mu_eq_next != w.mu_eq), 0, w.since_progress)
         w.mu_in, w.mu_eq = mu_in_next, mu_eq_next
 
         unbounded = unbounded & ~w.done
@@ -405,7 +454,9 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") 
     size = inf_norm(dx)
     nonzero = size > 0
     d = dx / torch.where(nonzero, size, torch.ones_like(size)).unsqueeze(-1)
-    Hd = inf_norm(_H_times(d, w.H, structure))
+    # Relative to H's size: the cost scaling makes a scaled H small when g is large, and an
+    # absolute test would then take a strictly convex QP for an unbounded one.
+    Hd = inf_norm(_H_times(d, w.H, structure)) / w.H_size.clamp_min(torch.finfo(d.dtype).tiny)
     Gd = vm(d, w.GT)
     # Where hi is finite, G d may not grow; where lo is finite, it may not shrink.
     up = torch.where(torch.isfinite(w.hi), Gd.clamp_min(0), torch.zeros_like(Gd))

@@ -1,0 +1,227 @@
+"""CPU forward engine: DAQP, a dual active-set QP solver, one problem of the batch at a time.
+
+DAQP (Arnström, Bemporad, Axehill, "A dual active-set solver for embedded quadratic programming
+using recursive LDL' updates", IEEE TAC 2022) solves
+
+    minimize 1/2 x'Hx + f'x   subject to   blower <= A x <= bupper,
+
+rows marked ``sense = 5`` being equalities. Its multipliers ``lam`` satisfy H x + f + A' lam = 0
+with lam_i > 0 only at the upper bound and lam_i < 0 only at the lower one: alqp's own convention,
+so the rows [A; C] of alqp's QP map to DAQP's rows one to one and lam splits into (y, z) unchanged.
+
+An active-set answer is exact up to round-off once the active set is right, and wrong outright
+when it is not, so DAQP's exit flag is not trusted alone: every answer is re-checked in the
+caller's units with the residuals that the ALM solver stops on (:func:`alqp.solver._residuals`),
+and only a problem that passes is *certified*. The others (infeasible, unbounded, a failure, a
+tolerance not met) are meant to be re-solved by the ALM solver.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alqp.problem import QPProblem
+from alqp.settings import Settings, Status
+
+if TYPE_CHECKING:  # solver.py imports this module lazily; keep the import graph acyclic
+    from alqp.solver import QPSolution
+
+# DAQP's constraint type of an equality row (its ``sense`` flags: 0 inequality, 5 equality).
+_DAQP_EQUALITY = 5
+# DAQP's exit flags (daqp/include/constants.h).
+_DAQP_OPTIMAL = 1
+_DAQP_STATUS = {
+    -1: Status.PRIMAL_INFEASIBLE,  # DAQP_EXIT_INFEASIBLE
+    -2: Status.MAX_ITER,  # DAQP_EXIT_CYCLE
+    -3: Status.DUAL_INFEASIBLE,  # DAQP_EXIT_UNBOUNDED
+    -4: Status.MAX_ITER,  # DAQP_EXIT_ITERLIMIT
+}
+# DAQP's primal tolerance (a row whose violation, on DAQP's normalized rows, exceeds it enters the
+# active set) and proximal tolerance: a tenth of the certification tolerance, within DAQP's default
+# (1e-6) and round-off.
+_INNER_TOL_FACTOR = 0.1
+_INNER_TOL_MAX = 1e-6
+_INNER_TOL_MIN = 1e-13
+
+
+def _import_daqp():
+    try:
+        import daqp
+    except ImportError as err:  # pragma: no cover - daqp is a dependency of alqp
+        raise ImportError(
+            "alqp's active-set engine (Settings(engine='active_set'), and 'auto' on CPU) needs the "
+            "'daqp' package: pip install daqp"
+        ) from err
+    return daqp
+
+
+def _host(t: Tensor) -> np.ndarray:
+    """t (B, ...) as a C-contiguous float64 numpy array on the CPU; a tensor shared by the whole
+    batch (an expanded view, batch stride 0) is converted once and keeps a leading dimension of 1
+    (numpy broadcasts it, and the solve loop indexes it at 0)."""
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        t = t[:1]
+    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+def _rows(blocks: list, batch: int) -> np.ndarray:
+    """Concatenate host arrays along axis 1, broadcasting shared (leading 1) blocks to ``batch``
+    only when another block is not shared."""
+    if all(a.shape[0] == 1 for a in blocks):
+        return np.concatenate(blocks, axis=1)
+    return np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1)
+
+
+def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolution", Tensor]:
+    """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
+
+    Args:
+        problem: :class:`alqp.problem.QPProblem` (every tensor with its batch dimension).
+        settings: :class:`Settings`; ``eps_abs`` and ``eps_rel`` set the certification tolerance
+            (never below ``100 * finfo(dtype).eps`` of the input's dtype, as in the ALM solver).
+
+    Returns:
+        The :class:`alqp.solver.QPSolution` in the input's dtype and device, and a (B,) bool tensor
+        ``certified``: True where the answer is SOLVED and verified (primal, dual and
+        complementarity residuals within tolerance, see :func:`_certify`). Where it is False the
+        entries are finite but no answer, and the caller re-solves those problems with the ALM
+        solver; their ``status`` tells what DAQP found: PRIMAL_INFEASIBLE, DUAL_INFEASIBLE,
+        MAX_ITER (iteration limit, cycling, or an answer that missed the tolerance) or
+        NUMERICAL_ERROR (anything else, e.g. linearly dependent equality rows).
+        ``s_eq`` and ``s_in`` are zero, and ``iterations`` counts DAQP's active-set iterations
+        (summed over its proximal outer iterations when H is singular).
+    """
+    daqp = _import_daqp()
+    from alqp.solver import QPSolution
+
+    dtype, device = problem.H.dtype, problem.H.device
+    B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
+    k = p + m
+
+    # DAQP's rows are [A; C] with bounds [b; l] <= . <= [b; u], the equalities first (as in the
+    # ALM's stacking), so lam = [y; z].
+    H = _host(problem.H)
+    g = _host(problem.g)
+    G = _rows([_host(problem.A), _host(problem.C)], B)
+    b = _host(problem.b)
+    lo = _rows([b, _host(problem.l)], B)
+    hi = _rows([b, _host(problem.u)], B)
+    sense = np.zeros(k, dtype=np.intc)
+    sense[:p] = _DAQP_EQUALITY
+
+    # An LP (H = 0) goes to DAQP without a Hessian: its LP mode returns exact multipliers, where
+    # a zero matrix would get the proximal iterations of a singular H, whose multipliers are only
+    # good to ~eta_prox. Any other H goes as it is, with DAQP's automatic proximal regularization
+    # (a negative eps_prox, its default): DAQP's own Cholesky factorization of H decides, so a
+    # positive definite H is solved in one pass (nothing is lost: measured as fast as
+    # eps_prox = 0) and only a singular one gets the proximal outer iterations.
+    H_zero = (~H.reshape(H.shape[0], -1).any(axis=1)).tolist()
+
+    finfo = torch.finfo(dtype)
+    tol = max(settings.eps_abs, 100 * finfo.eps)
+    inner_tol = min(max(_INNER_TOL_FACTOR * tol, _INNER_TOL_MIN), _INNER_TOL_MAX)
+    # primal_tol: the violation (of DAQP's normalized rows) beyond which a row enters the active
+    # set; DAQP's default 1e-6 would stop on answers that the certification rejects. eta_prox:
+    # the proximal iterations of a singular H stop once x moves less than eta_prox / eps_prox,
+    # which is also the error of their multipliers (DAQP's default cap: 1e-6).
+    options = dict(primal_tol=inner_tol, eta_prox=inner_tol)
+
+    x_out = np.zeros((B, n))
+    w_out = np.zeros((B, k))
+    flags = np.full(B, _DAQP_OPTIMAL, dtype=np.int64)
+    iters = np.zeros(B, dtype=np.int64)
+    if n > 0:
+        solve = daqp.solve
+        sH, sg, sG, sl, su = (int(a.shape[0] > 1) for a in (H, g, G, lo, hi))
+        for i in range(B):
+            x, _, flag, info = solve(None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
+                                     hi[i * su], lo[i * sl], sense, **options)
+            flags[i] = flag
+            iters[i] = info["iterations"]
+            if flag == _DAQP_OPTIMAL:
+                x_out[i] = x
+                w_out[i] = info["lam"]
+
+    finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1)
+    x_out[~finite] = 0.0
+    w_out[~finite] = 0.0
+    if dtype != torch.float64:
+        # The answer is checked as it is returned: rounded to the input's dtype.
+        x_out = torch.from_numpy(x_out).to(dtype).double().numpy()
+        w_out = torch.from_numpy(w_out).to(dtype).double().numpy()
+    solved = flags == _DAQP_OPTIMAL
+    certified = solved & finite & _certify(H, g, G, lo, hi, p, x_out, w_out, tol, settings.eps_rel, finfo.eps)
+
+    status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
+    for flag, st in _DAQP_STATUS.items():
+        status[flags == flag] = int(st)
+    status[solved & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
+    status[certified] = int(Status.SOLVED)
+
+    out = dict(dtype=dtype, device=device)
+    x_t = torch.from_numpy(x_out).to(**out)
+    w_t = torch.from_numpy(w_out).to(**out)
+    shift = torch.zeros(B, k, **out)
+    solution = QPSolution(
+        x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
+        status=torch.from_numpy(status).to(device), iterations=torch.from_numpy(iters).to(device),
+    )
+    return solution, torch.from_numpy(certified).to(device)
+
+
+def _inf_norm(v: np.ndarray) -> np.ndarray:
+    """(B,r) -> (B,) infinity norm of each row, 0 for r = 0."""
+    return np.abs(v).max(axis=-1, initial=0.0)
+
+
+def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """(B,r) x (B or 1,r,c) -> (B,c) in torch, on views of the same memory: batched, and several
+    times faster than numpy's stacked matmul (whose OpenBLAS threads cost more than the product)."""
+    return torch.matmul(torch.from_numpy(v).unsqueeze(-2), torch.from_numpy(M)).squeeze(-2).numpy()
+
+
+def _certify(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: int,
+             x: np.ndarray, w: np.ndarray, eps_abs: float, eps_rel: float, machine_eps: float) -> np.ndarray:
+    """(B,) True where (x, w = [y; z]) solves the QP to the tolerance, by the residuals of
+    :func:`alqp.solver._residuals` in the caller's units (its scalings R, D, c all 1):
+
+        primal:   |G x - clip(G x, lo, hi)|         (A x = b and l <= C x <= u)
+        natural:  |G x - clip(G x + w, lo, hi)|     (also complementarity and signs: zero exactly
+                                                     when x is feasible, z_i > 0 only at u_i and
+                                                     z_i < 0 only at l_i)
+        dual:     |H x + g + A'y + C'z|
+
+    in the infinity norm. primal and natural must be within eps_abs + eps_rel * max(|G x|, |b|),
+    dual within eps_abs + eps_rel * max(|H x|, |g|, |G'w|) + 10 eps (|H||x| + |G'||w|), the last
+    term bounding the round-off of computing it, as the ALM allows (it matters for float32, whose
+    rounded x alone leaves a dual residual of about eps |H||x|).
+
+    Arrays are float64, batched (B, ...) or shared (leading dimension 1). The products run batched
+    in torch, the elementwise rest in numpy (a fraction of torch's per-call cost at small B).
+    """
+    k = G.shape[-2]
+    Hx = _vm(x, H)  # H symmetric
+    Gx = _vm(x, G.transpose(0, 2, 1)) if k else np.zeros((x.shape[0], 0))
+    Gw = _vm(w, G) if k else np.zeros_like(x)
+    primal = _inf_norm(Gx - np.clip(Gx, lo, hi))
+    natural = _inf_norm(Gx - np.clip(Gx + w, lo, hi))
+    dual = _inf_norm(Hx + g + Gw)
+    eps_p = eps_d = eps_abs
+    if eps_rel > 0:
+        eps_p = eps_abs + eps_rel * np.maximum(_inf_norm(Gx), _inf_norm(lo[:, :p]))
+        eps_d = eps_abs + eps_rel * np.maximum(np.maximum(_inf_norm(Hx), _inf_norm(g)), _inf_norm(Gw))
+    ok = (primal <= eps_p) & (natural <= eps_p)
+    dual_ok = dual <= eps_d
+    # The round-off bound costs a pass over |H| and |G|: only for the problems that need it.
+    retry = np.flatnonzero(ok & ~dual_ok)
+    if retry.size:
+        pick = lambda a: a if a.shape[0] == 1 else a[retry]  # noqa: E731
+        roundoff = _vm(np.abs(x[retry]), np.abs(pick(H)))
+        if k:
+            roundoff = roundoff + _vm(np.abs(w[retry]), np.abs(pick(G)))
+        eps_retry = eps_d if np.isscalar(eps_d) else eps_d[retry]
+        dual_ok[retry] = dual[retry] <= eps_retry + 10 * machine_eps * _inf_norm(roundoff)
+    return ok & dual_ok

@@ -1,0 +1,229 @@
+"""Oracle tests of the CPU active-set engine ``alqp.active_set.solve_active_set`` (DAQP).
+
+Every feasible family of tests/families.py is solved and compared with CVXPY + Clarabel: x within
+1e-6 relative where it is unique, the objective within 1e-7 relative where it is not (PSD H, LPs),
+every problem certified, and the multipliers checked against alqp's KKT conditions and sign
+convention (H x + g + A'y + C'z = 0, z_i > 0 only at u_i, z_i < 0 only at l_i). Infeasible and
+unbounded problems must come back uncertified (the ALM solver answers them).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import daqp  # noqa: F401  (a hard dependency of the engine: fail loudly when it is missing)
+import families as F
+import oracles as O
+from alqp import Settings, Status, solve_qp
+from alqp.active_set import solve_active_set
+from alqp.problem import canonicalize
+from alqp.solver import auto_engine
+
+FEASIBLE = {
+    "strictly_convex": (F.strictly_convex, dict(batch=4, n=10, p=3, m=8), 11, "unique"),
+    "psd_rank_deficient": (F.psd_rank_deficient, dict(batch=4, n=8, p=2, m=12), 12, "objective"),
+    "lp": (F.lp, dict(batch=4, n=8, p=2, m=12), 13, "objective"),
+    "equality_only": (F.equality_only, dict(batch=4, n=10, p=4), 14, "unique"),
+    "inequality_only": (F.inequality_only, dict(batch=4, n=10, m=12), 15, "unique"),
+    "one_sided": (F.one_sided, dict(batch=4, n=10, p=3, m=12), 16, "unique"),
+    "equal_bounds": (F.equal_bounds, dict(batch=4, n=10, p=2, m=6), 17, "unique"),
+    "bound_rows": (F.bound_rows, dict(batch=4, n=10, p=3, m=12), 23, "unique"),
+}
+UNCERTIFIED = {
+    "infeasible_bound_rows": (F.infeasible_bound_rows, dict(batch=4, n=8, p=2, m=10), 24),
+    "infeasible_eq_duplicated": (F.infeasible_eq_duplicated, dict(batch=4, n=10, p=4, m=6), 18),
+    "infeasible_eq_overdetermined": (F.infeasible_eq_overdetermined, dict(batch=4, n=5, p=8, m=4), 19),
+    "infeasible_ineq": (F.infeasible_ineq, dict(batch=4, n=10, p=2, m=9), 20),
+    "infeasible_eq_vs_ineq": (F.infeasible_eq_vs_ineq, dict(batch=4, n=10, p=3, m=6), 21),
+    "unbounded": (F.unbounded, dict(batch=4, n=8, p=2, m=5), 25),
+    "unbounded_lp": (functools.partial(F.unbounded, lp_only=True), dict(batch=4, n=8, p=2, m=5), 26),
+}
+TOL_X, TOL_OBJ, TOL_KKT = 1e-6, 1e-7, 1e-8
+
+
+def _problem(table: dict, name: str, dtype=torch.float64) -> dict:
+    fn, kwargs, seed = table[name][:3]
+    return F.to_dtype(fn(**kwargs, seed=seed), dtype)
+
+
+def _solve(prob: dict, settings: Settings = Settings()):
+    return solve_active_set(canonicalize(**prob), settings)
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle(name: str) -> list:
+    return O.solve_each(_problem(FEASIBLE, name), O.cvxpy_qp)
+
+
+def _kkt_violation(member: dict, x, y, z) -> dict:
+    """The KKT residuals of one problem in alqp's sign convention (infinity norms)."""
+    H, g, A, b, C, l, u = O.normalize(**member)
+    x, y, z = (np.asarray(v, dtype=np.float64) for v in (x, y, z))
+    Cx = C @ x
+    at_u = np.abs(Cx - u) <= TOL_KKT * np.maximum(1.0, np.abs(u))
+    at_l = np.abs(Cx - l) <= TOL_KKT * np.maximum(1.0, np.abs(l))
+    return dict(
+        stationarity=np.abs(H @ x + g + A.T @ y + C.T @ z).max(initial=0.0),
+        equality=np.abs(A @ x - b).max(initial=0.0),
+        bounds=np.maximum(np.maximum(l - Cx, Cx - u), 0.0).max(initial=0.0),
+        # z_i > 0 only where C_i x = u_i, z_i < 0 only where C_i x = l_i.
+        sign=np.abs(np.where(((z > 0) & ~at_u) | ((z < 0) & ~at_l), z, 0.0)).max(initial=0.0),
+    )
+
+
+@pytest.mark.parametrize("name", list(FEASIBLE))
+def test_feasible_families_match_oracle(name):
+    prob = _problem(FEASIBLE, name)
+    sol, certified = _solve(prob)
+    B = F.batch_size(prob)
+    assert certified.dtype == torch.bool and certified.shape == (B,)
+    assert bool(certified.all()), f"uncertified: {certified.tolist()}, status {sol.status.tolist()}"
+    assert (sol.status == int(Status.SOLVED)).all()
+    assert (sol.s_eq == 0).all() and (sol.s_in == 0).all()
+    for i, ref in enumerate(_oracle(name)):
+        member = F.member(prob, i)
+        x = sol.x[i].numpy()
+        if FEASIBLE[name][3] == "unique":
+            assert np.abs(x - ref.x).max() <= TOL_X * max(1.0, np.abs(ref.x).max()), f"problem {i}"
+        else:  # x need not be unique: the objective is
+            H, g = O.normalize(**member)[:2]
+            assert abs(O.objective(H, g, x) - ref.obj) <= TOL_OBJ * max(1.0, abs(ref.obj)), f"problem {i}"
+        kkt = _kkt_violation(member, x, sol.y[i], sol.z[i])
+        assert max(kkt.values()) <= TOL_KKT, f"problem {i}: {kkt}"
+
+
+@pytest.mark.parametrize("name", [k for k, v in FEASIBLE.items() if v[3] == "unique"])
+def test_multipliers_match_oracle_and_alm(name):
+    """Unique multipliers (strictly convex, LICQ): the same as CVXPY's mapped ones and as the ALM's,
+    so the IFT and LPGD backwards take them unchanged."""
+    prob = _problem(FEASIBLE, name)
+    sol, _ = _solve(prob)
+    alm = solve_qp(**prob)
+    for i, ref in enumerate(_oracle(name)):
+        scale = max(1.0, np.abs(ref.y).max(initial=0.0), np.abs(ref.z).max(initial=0.0))
+        assert np.abs(sol.y[i].numpy() - ref.y).max(initial=0.0) <= 1e-6 * scale
+        assert np.abs(sol.z[i].numpy() - ref.z).max(initial=0.0) <= 1e-6 * scale
+    assert torch.allclose(sol.y, alm.y, atol=1e-6) and torch.allclose(sol.z, alm.z, atol=1e-6)
+
+
+def test_sign_convention_by_hand():
+    """min 1/2|x|^2 - 2 x1  s.t.  x3 = 2,  x1 <= 1,  x2 >= 0.5: x = (1, 0.5, 2) with y = -2,
+    z = (+1 at the upper bound, -0.5 at the lower bound)."""
+    H = torch.eye(3, dtype=torch.float64)
+    g = torch.tensor([-2.0, 0.0, 0.0], dtype=torch.float64)
+    A = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([2.0], dtype=torch.float64)
+    C = torch.eye(3, dtype=torch.float64)[:2]
+    l = torch.tensor([-10.0, 0.5], dtype=torch.float64)
+    u = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    sol, certified = solve_active_set(canonicalize(H, g, A, b, C, l, u), Settings())
+    assert bool(certified.all())
+    torch.testing.assert_close(sol.x[0], torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(sol.y[0], torch.tensor([-2.0], dtype=torch.float64))
+    torch.testing.assert_close(sol.z[0], torch.tensor([1.0, -0.5], dtype=torch.float64))
+    assert int(sol.iterations[0]) > 0
+
+
+@pytest.mark.parametrize("name", list(UNCERTIFIED))
+def test_infeasible_and_unbounded_are_not_certified(name):
+    prob = _problem(UNCERTIFIED, name)
+    sol, certified = _solve(prob)
+    assert not bool(certified.any())
+    assert (sol.status != int(Status.SOLVED)).all()
+    for t in (sol.x, sol.y, sol.z):
+        assert torch.isfinite(t).all()
+    if name.startswith("unbounded"):
+        assert (sol.status == int(Status.DUAL_INFEASIBLE)).all()
+
+
+def test_mixed_batch_certifies_exactly_the_feasible_members():
+    prob = F.mixed(batch=14, n=8, p=2, m=12, seed=22)
+    _, certified = _solve(prob)
+    feasible = [not label.startswith("infeasible") for label in F.mixed_labels(14)]
+    assert certified.tolist() == feasible
+
+
+@pytest.mark.parametrize("name", ["strictly_convex", "lp", "one_sided"])
+def test_float32(name):
+    prob = _problem(FEASIBLE, name, torch.float32)
+    sol, certified = _solve(prob)
+    assert sol.x.dtype == sol.y.dtype == sol.z.dtype == torch.float32
+    assert bool(certified.all())
+    for i, ref in enumerate(_oracle(name)):
+        if FEASIBLE[name][3] == "unique":
+            assert np.abs(sol.x[i].double().numpy() - ref.x).max() <= 1e-3 * max(1.0, np.abs(ref.x).max())
+        else:
+            H, g = O.normalize(**F.member(prob, i))[:2]
+            obj = O.objective(H, g, sol.x[i].double().numpy())
+            assert abs(obj - ref.obj) <= 1e-3 * max(1.0, abs(ref.obj))
+
+
+def test_tolerance_is_checked():
+    """The tolerance floor 100 * finfo.eps applies, as in the ALM (an eps_abs of 1e-30 still
+    certifies), and an answer that does not solve the problem is rejected by the certification."""
+    prob = _problem(FEASIBLE, "strictly_convex")
+    _, certified = _solve(prob, Settings(eps_abs=1e-30))
+    assert bool(certified.all())
+    bad = dict(prob)
+    bad["l"] = prob["l"].clone()
+    bad["u"] = prob["u"].clone()
+    bad["l"][0, 0] = bad["u"][0, 0] = 0.0  # a changed problem; certify the old answer against it
+    sol, _ = _solve(prob)
+    from alqp.active_set import _certify
+
+    P = canonicalize(**bad)
+    G = torch.cat([P.A, P.C], dim=-2).numpy()
+    lo = torch.cat([P.b, P.l], dim=-1).numpy()
+    hi = torch.cat([P.b, P.u], dim=-1).numpy()
+    w = torch.cat([sol.y, sol.z], dim=-1).numpy()
+    ok = _certify(P.H.numpy(), P.g.numpy(), G, lo, hi, P.p, sol.x.numpy(), w, 1e-9, 0.0, 2.2e-16)
+    assert not ok[0] and ok[1:].all()
+
+
+@pytest.mark.parametrize("shared", [("H",), ("A", "b"), ("C", "l", "u"), ("H", "A", "C")])
+def test_shared_tensors(shared):
+    prob = F.shared_batch(batch=4, n=10, p=3, m=8, seed=31, shared=shared)
+    sol, certified = _solve(prob)
+    assert bool(certified.all())
+    full = {k: (v.expand(4, *v.shape).contiguous() if k in shared else v) for k, v in prob.items()}
+    ref, _ = _solve(full)
+    torch.testing.assert_close(sol.x, ref.x)
+    torch.testing.assert_close(sol.z, ref.z)
+
+
+def test_unconstrained_and_unbatched():
+    prob = _problem(FEASIBLE, "strictly_convex")
+    sol, certified = _solve(dict(H=prob["H"], g=prob["g"]))
+    assert bool(certified.all()) and sol.y.shape == (4, 0) and sol.z.shape == (4, 0)
+    x = torch.linalg.solve(prob["H"], -prob["g"])
+    torch.testing.assert_close(sol.x, x)
+    one = F.member(prob, 0)
+    sol1, certified1 = _solve(one)
+    assert sol1.x.shape == (1, 10) and bool(certified1.all())
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine setting and the dispatch in alqp.solver.solve_problem
+# ----------------------------------------------------------------------------------------------
+def test_engine_setting_is_validated_and_auto_picks_active_set_on_cpu():
+    with pytest.raises(ValueError, match="engine"):
+        Settings(engine="daqp")
+    problem = canonicalize(**F.strictly_convex(2, 5, 1, 3, seed=0))
+    assert auto_engine(problem) == "active_set"
+
+
+def test_uncertified_problems_fall_back_to_the_alm():
+    """A mixed batch on the active-set engine: the feasible members come from DAQP (SOLVED, few
+    active-set iterations), the infeasible and unbounded ones from the ALM, with the ALM's statuses
+    and answers."""
+    prob = F.mixed(14, 8, 2, 12, seed=22)
+    both = {engine: solve_qp(**prob, settings=Settings(engine=engine)) for engine in ("active_set", "alm")}
+    assert torch.equal(both["active_set"].status, both["alm"].status)
+    shifted = both["alm"].status == Status.CLOSEST_FEASIBLE
+    assert shifted.any() and (~shifted).any()
+    for field in ("x", "s_eq", "s_in"):
+        a, b = getattr(both["active_set"], field), getattr(both["alm"], field)
+        assert (a - b)[shifted].abs().max() < 1e-9, field  # the ALM's answer for those members
