@@ -11,7 +11,8 @@ Peers are imported lazily, inside the adapters, so that ``import alqp`` never im
 or inapplicable peer is skipped with a reason (:meth:`Method.unavailable`, :meth:`Method.inapplicable`).
 
 Tolerances: the harness passes one ``eps`` to every method; what each does with it:
-    alqp         Settings(eps_abs=eps, eps_rel=0): inf-norm primal and dual residuals <= eps.
+    alqp         Settings(eps_abs=eps, eps_rel=0): inf-norm primal and dual residuals <= eps
+                 (engine "auto": the active-set engine on the CPU; alqp-alm forces the ALM).
     alqp-lpgd    same forward; the LPGD backward re-solves with the same settings.
     proxsuite    QPFunction(eps=eps): ProxQP's eps_abs (inf-norm residuals; eps_rel stays 0).
     qpth         QPFunction(eps=eps): its stopping test is (sum of residual 2-norms + m * mu) < eps,
@@ -97,17 +98,22 @@ class AlqpMethod(Method):
 
     tolerance = "Settings(eps_abs=eps, eps_rel=0)"
 
-    def __init__(self, backward: str = "ift"):
+    def __init__(self, backward: str = "ift", engine: str = "auto"):
         super().__init__()
         self.backward = backward
+        self.engine = engine
         self.name = "alqp" if backward == "ift" else f"alqp-{backward}"
+        if engine != "auto":
+            self.name = f"alqp-{engine}" if backward == "ift" else f"{self.name}-{engine}"
         self.backward_only = backward != "ift"
         self._call: Optional[Callable] = None
 
     def _settings(self, eps: float):
         from alqp import Settings
 
-        return Settings(eps_abs=eps, eps_rel=0.0)
+        if self.engine == "auto":  # (Settings without the field: an alqp from before the engines)
+            return Settings(eps_abs=eps, eps_rel=0.0)
+        return Settings(eps_abs=eps, eps_rel=0.0, engine=self.engine)
 
     def _differentiable_call(self, settings) -> tuple[Optional[Callable], Optional[str]]:
         """A callable (H,g,A,b,C,l,u) -> solution with gradients, or None and the reason."""
@@ -363,13 +369,16 @@ class CvxpylayersMethod(Method):
 # ------------------------------------------------------------------------------------------ registry
 # Default order of the tables: alqp first, then the peers from fastest to slowest in the QP paper.
 DEFAULT_METHODS = ("alqp", "alqp-lpgd", "proxsuite", "qpth", "cvxpylayers")
-ALL_METHODS = DEFAULT_METHODS + ("proxsuite-serial",)
+# alqp-alm: alqp with its batched ALM engine forced (on the CPU "alqp" takes the active-set engine).
+ALL_METHODS = DEFAULT_METHODS + ("alqp-alm", "proxsuite-serial")
 
 
 def make_method(name: str, cvxpylayers_max_batch: int = 128, cvxpylayers_max_n: int = 100) -> Method:
     """The adapter called ``name`` (one of :data:`ALL_METHODS`)."""
     if name == "alqp":
         return AlqpMethod("ift")
+    if name == "alqp-alm":
+        return AlqpMethod("ift", engine="alm")
     if name.startswith("alqp-"):
         return AlqpMethod(name[len("alqp-"):])
     if name == "proxsuite":
