@@ -56,7 +56,7 @@ def format_table(result: dict) -> str:
             info = r.get("info") or {}
             note = []
             if "newton_steps_max" in info:
-                note.append(f"newton steps max {info['newton_steps_max']} mean {info['newton_steps_mean']}")
+                note.append(f"iterations max {info['newton_steps_max']} mean {info['newton_steps_mean']}")
             if info.get("not_solved"):
                 note.append(f"{info['not_solved']} not SOLVED")
             if r.get("repeats") is not None and r["repeats"] < result.get("repeats", 0):
