@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.activity import activity_tol, closest_feasible_multipliers, shifted_rows
+from alqp.activity import activity_tol, closest_feasible_multipliers, polish_multipliers, shifted_rows
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
@@ -262,7 +262,9 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
             out_s[sidx] = s
             # The multipliers of the shifted rows are not unique: report alqp's choice, which the
             # backward differentiates (activity.closest_feasible_multipliers).
-            out_w[sidx] = closest_feasible_multipliers(torch.cat([A, C], -2), rows, mult[shifted], s, is_eq)
+            G = torch.cat([A, C], -2)
+            mult = polish_multipliers(problem.H[sidx], problem.g[sidx], G, x, mult[shifted], is_eq)
+            out_w[sidx] = closest_feasible_multipliers(G, rows, mult, s, is_eq)
         out_status[idx] = st
         out_iter[idx] = w.iterations[leaving]
         w.done = w.done | leaving
