@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alqp.activity import closest_feasible_multipliers, shifted_rows
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # solver.py imports this module lazily; keep the import graph
 _DAQP_EQUALITY = 5
 # DAQP's exit flags (daqp/include/constants.h).
 _DAQP_OPTIMAL = 1
+_DAQP_INFEASIBLE = -1
 _DAQP_STATUS = {
     -1: Status.PRIMAL_INFEASIBLE,  # DAQP_EXIT_INFEASIBLE
     -2: Status.MAX_ITER,  # DAQP_EXIT_CYCLE
@@ -145,31 +147,97 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
                 x_out[i] = x
                 w_out[i] = info["lam"]
 
-    finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1)
+    # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one).
+    shift_out = np.zeros((B, k))
+    shifted = np.zeros(B, dtype=bool)
+    if settings.closest_feasible and n > 0:
+        for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
+            found = _closest_feasible_one(solve, None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
+                                          lo[i * sl], hi[i * su], sense, options)
+            if found is not None:
+                x_out[i], w_out[i], shift_out[i], extra = found
+                iters[i] += extra
+                shifted[i] = True
+
+    finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1) & np.isfinite(shift_out).all(-1)
     x_out[~finite] = 0.0
     w_out[~finite] = 0.0
+    shift_out[~finite] = 0.0
+    shifted &= finite
     if dtype != torch.float64:
         # The answer is checked as it is returned: rounded to the input's dtype.
         x_out = torch.from_numpy(x_out).to(dtype).double().numpy()
         w_out = torch.from_numpy(w_out).to(dtype).double().numpy()
     solved = flags == _DAQP_OPTIMAL
     certified = solved & finite & _certify(H, g, G, lo, hi, p, x_out, w_out, tol, settings.eps_rel, finfo.eps)
+    if shifted.any():
+        idx = np.flatnonzero(shifted)
+        pick = lambda a: a if a.shape[0] == 1 else a[idx]  # noqa: E731
+        s_i, x_i = shift_out[idx], x_out[idx]
+        # The shifted QP solved, and the shift the least-squares one: it is x's own violation
+        # of the original rows, and G's = 0 (DESIGN section 2).
+        Gx = _vm(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
+        violation = Gx - np.clip(Gx, pick(lo), pick(hi))
+        G_scale = np.abs(pick(G)).max(axis=(-2, -1), initial=0.0)
+        shift_ok = (_inf_norm(violation - s_i) <= tol) & (_inf_norm(_vm(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale))
+        ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol,
+                      settings.eps_rel, finfo.eps)
+        shifted[idx] = ok & shift_ok
 
     status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
     for flag, st in _DAQP_STATUS.items():
         status[flags == flag] = int(st)
     status[solved & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
     status[certified] = int(Status.SOLVED)
+    status[shifted] = int(Status.CLOSEST_FEASIBLE)
+    certified = certified | shifted
 
     out = dict(dtype=dtype, device=device)
     x_t = torch.from_numpy(x_out).to(**out)
     w_t = torch.from_numpy(w_out).to(**out)
     shift = torch.zeros(B, k, **out)
+    if shifted.any():
+        # Report the shift on the rows it really moves, and alqp's choice among the shifted rows'
+        # multipliers (as the ALM does: alqp.activity).
+        idx = torch.from_numpy(np.flatnonzero(shifted)).to(device)
+        s_t = torch.from_numpy(shift_out).to(**out).index_select(0, idx)
+        sub = problem.select(idx)
+        rows = torch.cat(shifted_rows(sub.A, sub.b, sub.C, sub.l, sub.u, x_t[idx], s_t[:, :p], s_t[:, p:],
+                                      torch.ones_like(idx, dtype=torch.bool), tol), -1)
+        s_t = torch.where(rows, s_t, torch.zeros_like(s_t))
+        is_eq = torch.arange(k, device=device) < p
+        shift[idx] = s_t
+        w_t[idx] = closest_feasible_multipliers(torch.cat([sub.A, sub.C], -2), rows, w_t[idx], s_t, is_eq)
     solution = QPSolution(
         x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
         status=torch.from_numpy(status).to(device), iterations=torch.from_numpy(iters).to(device),
     )
     return solution, torch.from_numpy(certified).to(device)
+
+
+def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):
+    """The closest feasible QP of one infeasible problem, or None where DAQP fails on it.
+
+    Phase 1: the least-squares shift, min 1/2 |s|^2 over (x, s) with lo <= G x - s <= hi (DAQP's
+    proximal iterations handle the singular Hessian). Phase 2: the QP on the shifted bounds
+    lo + s, hi + s. A shifted set whose equality rows are dependent (DAQP's flag -6) returns None,
+    and the ALM takes the problem over.
+
+    Returns:
+        (x (n,), multipliers (k,), shift (k,), active-set iterations of both phases) or None.
+    """
+    k, n = G.shape
+    H1 = np.zeros((n + k, n + k))
+    H1[n:, n:] = np.eye(k)
+    G1 = np.concatenate([G, -np.eye(k)], axis=1)
+    xs, _, flag, info = solve(H1, np.zeros(n + k), G1, hi, lo, sense, **options)
+    if flag != _DAQP_OPTIMAL:
+        return None
+    shift = xs[n:]
+    x, _, flag2, info2 = solve(H, g, G, hi + shift, lo + shift, sense, **options)
+    if flag2 != _DAQP_OPTIMAL:
+        return None
+    return x, info2["lam"], shift, info["iterations"] + info2["iterations"]
 
 
 def _inf_norm(v: np.ndarray) -> np.ndarray:
