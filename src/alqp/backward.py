@@ -51,6 +51,10 @@ w6 (p+m, used on V), w7):
     -G_V' w6                                = 0              (dc)
     -s_V' w6                                = 0              (dt, only where t > 0)
 
+The dc rows are solved by construction: w6 = N omega with N a basis of null(G_V') on the rows V
+(:func:`_shift_null_basis`, usually of small dimension), so the system assembled has the columns
+(w1, w2, w3, w5, omega, w7) and no dc rows.
+
 and the parameter gradients, read off J_theta:
 
     dL/dH = -1/2 (w1 x' + x w1')      dL/dg = -w1
@@ -340,7 +344,7 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
     symmetric KKT block (first three row and column blocks) is built.
 
     Returns:
-        M (B,R,K) and rhs (B,R).
+        M (B,R,K), rhs (B,R), and N (B,p+m,d) of :func:`_shift_null_basis` (None for ``full=False``).
     """
     H, A, C = P.H, P.A, P.C
     B, n, p, m = P.batch_size, P.n, P.p, P.m
@@ -355,7 +359,7 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
             torch.cat([Ca, Z(m, p), Z(m, m)], -1),
         ], -2)
         rhs = torch.cat([gx, gy, a * gz], -1)
-        return M, rhs
+        return M, rhs, None
 
     phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
     V = torch.cat([act.violated_eq, v], -1)  # the shifted rows, (B,k)
@@ -374,21 +378,42 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
     pin_row = pin_row * pinned.to(H.dtype).unsqueeze(-1)
     pin_col = pinned.to(H.dtype)[:, None, None]
     eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
-    D_V = torch.diag_embed(V)
-    tD_V = t[:, None, None] * D_V
-    GV_T = (V.unsqueeze(-1) * G).transpose(-1, -2)
+    # R6's adjoint lies in null(G_V') (the dc rows of the module docstring): write it w6 = N omega
+    # with N a basis of that null space (usually of small dimension d), which drops the n dc rows
+    # and replaces the p + m w6 columns by d.
+    N = _shift_null_basis(G, V)
+    d = N.shape[-1]
     M = torch.cat([
-        # columns: w1 (R1), w2 (R2), w3 (R3), w5 (R5), w6 (R6), w7 (R7)
-        torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, k), Z(n, 1)], -1),  # dx
-        torch.cat([A, Z(p, p), Z(p, m), Z(p, n), D_V[:, :p], Z(p, 1)], -1),  # dy
-        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), D_V[:, p:], pin_row.unsqueeze(-1)], -1),  # dz
-        torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, -tD_V[:, :p], Z(p, 1)], -1),  # ds_eq
-        torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, -tD_V[:, p:], Z(m, 1)], -1),  # ds_in
-        torch.cat([Z(n, n), Z(n, p), Z(n, m), Z(n, n), -GV_T, Z(n, 1)], -1),  # dc
-        torch.cat([Z(1, n), Z(1, p), Z(1, m), Z(1, n), -pin_col * s_V.unsqueeze(-2), Z(1, 1)], -1),  # dt
+        # columns: w1 (R1), w2 (R2), w3 (R3), w5 (R5), omega (R6), w7 (R7)
+        torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, d), Z(n, 1)], -1),  # dx
+        torch.cat([A, Z(p, p), Z(p, m), Z(p, n), N[:, :p], Z(p, 1)], -1),  # dy
+        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), N[:, p:], pin_row.unsqueeze(-1)], -1),  # dz
+        torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, -t[:, None, None] * N[:, :p], Z(p, 1)], -1),  # ds_eq
+        torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, -t[:, None, None] * N[:, p:], Z(m, 1)], -1),  # ds_in
+        torch.cat([Z(1, n), Z(1, p), Z(1, m), Z(1, n), -pin_col * vm(s_V, N).unsqueeze(-2), Z(1, 1)], -1),  # dt
     ], -2)
-    rhs = torch.cat([gx, gy, a * gz, phi * gse, v * gsi, H.new_zeros(B, n + 1)], -1)
-    return M, rhs
+    rhs = torch.cat([gx, gy, a * gz, phi * gse, v * gsi, H.new_zeros(B, 1)], -1)
+    return M, rhs, N
+
+
+def _shift_null_basis(G: Tensor, V: Tensor, rtol: float = 1e-9) -> Tensor:
+    """(B,k,d) an orthonormal basis of {u : u_i = 0 off V, G'u = 0} (zero columns pad the problems
+    whose null space is smaller than the batch's largest, d).
+
+    The left null space of [G_V, diag(1 - V)]: the second block forces u_i = 0 off V.
+    """
+    B, k, n = G.shape
+    if k == 0:
+        return G.new_zeros(B, 0, 0)
+    aug = torch.cat([V.unsqueeze(-1) * G, torch.diag_embed(1.0 - V)], -1)  # (B,k,n+k): rank = k - d
+    U, S, _ = torch.linalg.svd(aug, full_matrices=False)  # U (B,k,k), S (B,k) descending
+    null = S <= rtol * S[:, :1].clamp_min(1.0)
+    d = int(null.sum(-1).max())
+    if d == 0:
+        return G.new_zeros(B, k, 0)
+    # (Exactly 0 off V: an SVD leaves round-off there, which the equilibration of the adjoint
+    # system would blow up to O(1).)
+    return U[:, :, k - d:] * null[:, k - d:].unsqueeze(-2).to(G.dtype) * V.unsqueeze(-1)
 
 
 def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = None, grad_y: Optional[Tensor] = None,
@@ -455,7 +480,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         system = lambda: _adjoint_system(P_g, sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,  # noqa: E731
                                          sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
         if full:
-            w = lstsq_min_norm(*system())
+            M, rhs, N = system()
+            w = lstsq_min_norm(M, rhs)
         else:
             # Most feasible problems have a nonsingular KKT matrix: solve those directly, the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
@@ -465,7 +491,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             w = torch.cat([w1_g, w23_g], -1)
             rest = (~solved).nonzero().squeeze(-1)
             if rest.numel():
-                M, rhs = system()
+                M, rhs, _ = system()
                 w[rest] = lstsq_min_norm(M[rest], rhs[rest])
         w1[idx] = w[:, :n]
         w2[idx] = w[:, n:n + p]
@@ -473,7 +499,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         if full:
             w5[idx] = w[:, n + p + m:n + p + m + n]
             V = torch.cat([act_g.violated_eq, act_g.violated], -1)
-            w6[idx] = V * w[:, 2 * n + p + m:2 * n + 2 * (p + m)]
+            w6[idx] = V * vm(w[:, 2 * n + p + m:2 * n + p + m + N.shape[-1]], N.transpose(-1, -2))
             # R6's c: the smallest with G_V c = the shifted rows' multipliers (up to t s_V, which
             # is orthogonal to range(G_V)).
             G_V = V.unsqueeze(-1) * torch.cat([P_g.A, P_g.C], -2)
