@@ -363,7 +363,6 @@ def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, g
 
     phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
     V = torch.cat([act.violated_eq, v], -1)  # the shifted rows, (B,k)
-    k = p + m
     G = torch.cat([A, C], -2)
     s_V = V * torch.cat([s_eq, s_in], -1)
     w_V = V * torch.cat([y, z], -1)
