@@ -13,7 +13,7 @@ It writes ``<out>/sudoku.json`` (configuration, per-epoch history, summary) and 
 (test loss, board errors and violation per epoch, one line per model) and prints a table.
 
     python examples/sudoku/train.py                                   # the full 4x4 run: 20 epochs, 9000/1000
-    python examples/sudoku/train.py --demo                            # the README's short run, about 3 minutes
+    python examples/sudoku/train.py --demo                            # the README's short run, 2 to 3 minutes
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def parse_args(argv: Optional[list] = None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (per-epoch lines only)")
     p.add_argument("--demo", action="store_true",
                    help="the README's short run: the LP model and OptNet's model on alqp, 9000 train / 1000 "
-                        "test puzzles, 10 epochs, eps_abs 1e-6, out results/sudoku-demo (about 3 minutes on a "
+                        "test puzzles, 10 epochs, eps_abs 1e-6, out results/sudoku-demo (2 to 3 minutes on a "
                         "2-core CPU; the LP model ends up solving most test puzzles)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="train nothing: combine the models of these sudoku.json files (e.g. runs made in "
