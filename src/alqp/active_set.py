@@ -12,8 +12,10 @@ so the rows [A; C] of alqp's QP map to DAQP's rows one to one and lam splits int
 An active-set answer is exact up to round-off once the active set is right, and wrong outright
 when it is not, so DAQP's exit flag is not trusted alone: every answer is re-checked in the
 caller's units with the residuals that the ALM solver stops on (:func:`alqp.solver._residuals`),
-and only a problem that passes is *certified*. The others (infeasible, unbounded, a failure, a
-tolerance not met) are meant to be re-solved by the ALM solver.
+and only a problem that passes is *certified*. An infeasible problem gets two more DAQP solves for
+its closest feasible QP (:func:`_closest_feasible_one`), certified the same way on the shifted
+problem. The others (unbounded, dependent equality rows, a failure, a tolerance not met) are meant
+to be re-solved by the ALM solver.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alqp.activity import closest_feasible_multipliers, shifted_rows
+from alqp.activity import closest_feasible_output
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -87,14 +89,16 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
 
     Returns:
         The :class:`alqp.solver.QPSolution` in the input's dtype and device, and a (B,) bool tensor
-        ``certified``: True where the answer is SOLVED and verified (primal, dual and
-        complementarity residuals within tolerance, see :func:`_certify`). Where it is False the
+        ``certified``: True where the answer is verified (primal, dual and complementarity
+        residuals within tolerance, see :func:`_certify`): SOLVED, or CLOSEST_FEASIBLE with the
+        shift checked too. Where it is False the
         entries are finite but no answer, and the caller re-solves those problems with the ALM
         solver; their ``status`` tells what DAQP found: PRIMAL_INFEASIBLE, DUAL_INFEASIBLE,
         MAX_ITER (iteration limit, cycling, or an answer that missed the tolerance) or
         NUMERICAL_ERROR (anything else, e.g. linearly dependent equality rows).
-        ``s_eq`` and ``s_in`` are zero, and ``iterations`` counts DAQP's active-set iterations
-        (summed over its proximal outer iterations when H is singular).
+        ``s_eq`` and ``s_in`` are zero except for CLOSEST_FEASIBLE problems, and ``iterations``
+        counts DAQP's active-set iterations (summed over its proximal outer iterations when H is
+        singular, and over both solves of a closest feasible QP).
     """
     daqp = _import_daqp()
     from alqp.solver import QPSolution
@@ -197,17 +201,13 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
     w_t = torch.from_numpy(w_out).to(**out)
     shift = torch.zeros(B, k, **out)
     if shifted.any():
-        # Report the shift on the rows it really moves, and alqp's choice among the shifted rows'
-        # multipliers (as the ALM does: alqp.activity).
+        # The shift on the rows it really moves and alqp's choice among the shifted rows'
+        # multipliers, as the ALM reports them (DAQP's are exact: no refit).
         idx = torch.from_numpy(np.flatnonzero(shifted)).to(device)
-        s_t = torch.from_numpy(shift_out).to(**out).index_select(0, idx)
         sub = problem.select(idx)
-        rows = torch.cat(shifted_rows(sub.A, sub.b, sub.C, sub.l, sub.u, x_t[idx], s_t[:, :p], s_t[:, p:],
-                                      torch.ones_like(idx, dtype=torch.bool), tol), -1)
-        s_t = torch.where(rows, s_t, torch.zeros_like(s_t))
-        is_eq = torch.arange(k, device=device) < p
-        shift[idx] = s_t
-        w_t[idx] = closest_feasible_multipliers(torch.cat([sub.A, sub.C], -2), rows, w_t[idx], s_t, is_eq)
+        shift[idx], w_t[idx] = closest_feasible_output(
+            sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x_t[idx], w_t[idx],
+            torch.from_numpy(shift_out).to(**out).index_select(0, idx), tol, polish=False)
     solution = QPSolution(
         x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
         status=torch.from_numpy(status).to(device), iterations=torch.from_numpy(iters).to(device),

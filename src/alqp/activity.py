@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alqp.linalg import project_out_row_range, vm
+from alqp.linalg import inf_norm, project_out_row_range, vm
 from alqp.settings import Settings
 
 
@@ -111,16 +111,42 @@ def polish_multipliers(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor,
     H, g, G, x, mult = (t.double() for t in (H, g, G, x, mult))
     rows = (mult != 0) | is_eq
     r = vm(x, H.transpose(-1, -2)) + g
-    before = (r + vm(mult, G)).abs().amax(-1)
+    before = inf_norm(r + vm(mult, G))
     best, best_res = mult, before
     for _ in range(3):
         # A row whose refitted multiplier changes sign is taken out and the rest refitted.
         GJt = (rows.unsqueeze(-1) * G).transpose(-1, -2)  # (B,n,k)
         refit = -vm(r, torch.linalg.pinv(GJt, rtol=1e-12).transpose(-1, -2))
         flipped = ~is_eq & (refit * mult < 0)
-        after = (r + vm(refit, G)).abs().amax(-1)
+        after = inf_norm(r + vm(refit, G))
         better = ~flipped.any(-1) & (after < best_res)
         best = torch.where(better.unsqueeze(-1), refit, best)
         best_res = torch.where(better, after, best_res)
         rows = rows & ~flipped
     return best.to(out_dtype)
+
+
+def closest_feasible_output(H: Tensor, g: Tensor, A: Tensor, b: Tensor, C: Tensor, l: Tensor, u: Tensor, x: Tensor,
+                            mult: Tensor, s: Tensor, tol: float, polish: bool) -> tuple[Tensor, Tensor]:
+    """What either engine reports for problems solved to their closest feasible QP: the shift on
+    the rows it really moves (:func:`shifted_rows`; 0 elsewhere, where it is round-off) and the
+    multipliers of :func:`closest_feasible_multipliers`, refitted first (:func:`polish_multipliers`)
+    when ``polish`` (an ALM's multipliers carry round-off amplified by 1/mu).
+
+    Args:
+        H (B,n,n), g (B,n), A (B,p,n), b (B,p), C (B,m,n), l, u (B,m): the problems, caller units.
+        x (B,n), mult (B,p+m) [y; z], s (B,p+m) [s_eq; s_in]: their solutions.
+        tol: see :func:`activity_tol`.
+
+    Returns:
+        s (B,p+m) and mult (B,p+m).
+    """
+    p = A.shape[-2]
+    everywhere = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    rows = torch.cat(shifted_rows(A, b, C, l, u, x, s[:, :p], s[:, p:], everywhere, tol), -1)
+    s = torch.where(rows, s, torch.zeros_like(s))
+    G = torch.cat([A, C], -2)
+    is_eq = torch.arange(G.shape[-2], device=x.device) < p
+    if polish:
+        mult = polish_multipliers(H, g, G, x, mult, is_eq)
+    return s, closest_feasible_multipliers(G, rows, mult, s, is_eq)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.activity import activity_tol, closest_feasible_multipliers, polish_multipliers, shifted_rows
+from alqp.activity import activity_tol, closest_feasible_output
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
@@ -205,7 +205,6 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
         H=scaled.H, g=scaled.g, G=G, GT=GT, absG=G.abs(), absGT=GT.abs(),
         lo=torch.cat([scaled.b, scaled.l], dim=-1), hi=torch.cat([scaled.b, scaled.u], dim=-1),
         D=scaling.D, R=R, c=scaling.c, index=torch.arange(B, device=device),
-        H_size=scaled.H.abs().amax((-2, -1)) if n else scaled.H.new_zeros(B),
         done=torch.zeros(B, dtype=torch.bool, device=device),  # answered, left in until a compaction
         x=x,
         mult=w0,  # the accepted multipliers [y; z], centres of the proximal terms
@@ -255,16 +254,12 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
             # Violation of the original constraints: the shift applied so far plus what remains;
             # on the rows that are not really shifted that is round-off, reported as 0.
             s = (r[leaving] + w.shift[leaving] / w.R[leaving])[shifted]
-            A, C = problem.A[sidx], problem.C[sidx]
-            rows = torch.cat(shifted_rows(A, problem.b[sidx], C, problem.l[sidx], problem.u[sidx], x, s[:, :p], s[:, p:],
-                                          torch.ones_like(sidx, dtype=torch.bool), activity_tol(dtype, settings)), -1)
-            s = torch.where(rows, s, torch.zeros_like(s))
-            out_s[sidx] = s
             # The multipliers of the shifted rows are not unique: report alqp's choice, which the
-            # backward differentiates (activity.closest_feasible_multipliers).
-            G = torch.cat([A, C], -2)
-            mult = polish_multipliers(problem.H[sidx], problem.g[sidx], G, x, mult[shifted], is_eq)
-            out_w[sidx] = closest_feasible_multipliers(G, rows, mult, s, is_eq)
+            # backward differentiates (alqp.activity).
+            sub = problem.select(sidx)
+            out_s[sidx], out_w[sidx] = closest_feasible_output(
+                sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x, mult[shifted], s, activity_tol(dtype, settings),
+                polish=True)
         out_status[idx] = st
         out_iter[idx] = w.iterations[leaving]
         w.done = w.done | leaving
@@ -456,9 +451,7 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") 
     size = inf_norm(dx)
     nonzero = size > 0
     d = dx / torch.where(nonzero, size, torch.ones_like(size)).unsqueeze(-1)
-    # Relative to H's size: the cost scaling makes a scaled H small when g is large, and an
-    # absolute test would then take a strictly convex QP for an unbounded one.
-    Hd = inf_norm(_H_times(d, w.H, structure)) / w.H_size.clamp_min(torch.finfo(d.dtype).tiny)
+    Hd = inf_norm(_H_times(d, w.H, structure))
     Gd = vm(d, w.GT)
     # Where hi is finite, G d may not grow; where lo is finite, it may not shrink.
     up = torch.where(torch.isfinite(w.hi), Gd.clamp_min(0), torch.zeros_like(Gd))
@@ -466,7 +459,15 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") 
     cone = torch.maximum(inf_norm(up), inf_norm(down))
     gd = (w.g * d).sum(-1)
     gscale = inf_norm(w.g).clamp_min(1.0)
-    return nonzero & (Hd <= tol) & (cone <= tol) & (gd < -tol * gscale)
+    certified = nonzero & (cone <= tol) & (gd < -tol * gscale)
+    if bool(certified.any()):
+        # H d is measured against H's size: the cost scaling makes a scaled H small when g is
+        # large, and an absolute test would take a strictly convex QP for an unbounded one. (The
+        # size is taken only for the rare candidates: a pass over H.)
+        idx = certified.nonzero().squeeze(-1)
+        H_size = w.H.index_select(0, idx).abs().amax((-2, -1)) if w.H.shape[-1] else Hd[idx]
+        certified[idx] = Hd[idx] <= tol * H_size.clamp_min(torch.finfo(d.dtype).tiny)
+    return certified
 
 
 # What _newton_inner reads and writes of the working set (the fields a compacted copy carries).
