@@ -248,3 +248,101 @@ def test_engines_agree_on_a_mixed_batch():
     for field in ("x", "s_eq", "s_in"):
         a, b = getattr(both["active_set"], field), getattr(both["alm"], field)
         assert (a - b)[shifted].abs().max() < 1e-7, field
+
+
+# ----------------------------------------------------------------------------------------------
+# The least-distance form (strictly convex problems, transformed in torch before DAQP)
+# ----------------------------------------------------------------------------------------------
+class _RecordingDaqp:
+    """Stands in for the daqp module: calls the real solver and records whether each call got
+    a least-distance problem (no Hessian, no linear term) or a problem in its own form."""
+
+    def __init__(self):
+        self.calls = []
+
+    def solve(self, H, f, *args, **kwargs):
+        self.calls.append("ldp" if H is None and f is None else "direct")
+        return daqp.solve(H, f, *args, **kwargs)
+
+
+def _routes(monkeypatch, prob, settings=Settings()):
+    import alqp.active_set as active_set
+
+    recorder = _RecordingDaqp()
+    monkeypatch.setattr(active_set, "_import_daqp", lambda: recorder)
+    sol, certified = _solve(prob, settings)
+    return sol, certified, recorder.calls
+
+
+@pytest.mark.parametrize("name", ["strictly_convex", "inequality_only", "one_sided", "equal_bounds", "bound_rows"])
+def test_least_distance_form_matches_own_form(monkeypatch, name):
+    """Strictly convex problems go to DAQP as least-distance problems (one call each), and x, y, z
+    agree with DAQP on the problem in its own form (the transformation turned off)."""
+    import alqp.active_set as active_set
+
+    prob = _problem(FEASIBLE, name)
+    B = F.batch_size(prob)
+    sol, certified, calls = _routes(monkeypatch, prob)
+    assert calls == ["ldp"] * B
+    assert bool(certified.all())
+    monkeypatch.setattr(active_set._LeastDistanceForm, "build", classmethod(lambda cls, problem, H_zero: None))
+    own, own_certified, own_calls = _routes(monkeypatch, prob)
+    assert own_calls == ["direct"] * B and bool(own_certified.all())
+    for field in ("x", "y", "z"):
+        a, b = getattr(sol, field).numpy(), getattr(own, field).numpy()
+        assert np.abs(a - b).max(initial=0.0) <= 1e-8 * max(1.0, np.abs(b).max(initial=0.0)), field
+
+
+def test_least_distance_form_leaves_singular_problems_to_daqp(monkeypatch):
+    """LPs, singular H, an H with condition number 1e13 and nearly dependent equality rows (at an
+    angle of 1e-6) fail the transformation's pivot test and go to DAQP in their own form; the
+    feasible families and the ill-conditioned H are still answered and match the oracle."""
+    gen = torch.Generator().manual_seed(41)
+    for name in ("lp", "psd_rank_deficient"):
+        prob = _problem(FEASIBLE, name)
+        _, certified, calls = _routes(monkeypatch, prob)
+        assert calls == ["direct"] * F.batch_size(prob) and bool(certified.all()), name
+
+    n, p, m = 8, 2, 6
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    ill = dict(H=Q @ torch.diag(torch.logspace(-13, 0, n, dtype=torch.float64)) @ Q.T,
+               g=torch.randn(n, generator=gen, dtype=torch.float64),
+               A=torch.randn(p, n, generator=gen, dtype=torch.float64), b=torch.zeros(p, dtype=torch.float64),
+               C=torch.eye(n, dtype=torch.float64)[:m], l=-torch.ones(m, dtype=torch.float64),
+               u=torch.ones(m, dtype=torch.float64))
+    ill["H"] = 0.5 * (ill["H"] + ill["H"].T)
+    near = dict(ill, H=torch.eye(n, dtype=torch.float64))
+    near["A"] = torch.stack([ill["A"][0], ill["A"][0] + 1e-6 * ill["A"][1]])
+    _, _, calls = _routes(monkeypatch, near)
+    assert calls and calls[0] == "direct"
+    _, _, calls = _routes(monkeypatch, ill)
+    assert calls and calls[0] == "direct"
+    sol = solve_qp(**ill)
+    ref = O.cvxpy_qp(**ill)
+    assert int(sol.status) == int(Status.SOLVED)
+    H, g = O.normalize(**ill)[:2]
+    assert abs(O.objective(H, g, sol.x.numpy()) - ref.obj) <= 1e-6 * max(1.0, abs(ref.obj))
+
+
+def test_least_distance_form_infeasible_and_mixed(monkeypatch):
+    """An infeasible strictly convex problem is recognized on the least-distance form and gets its
+    closest feasible QP from DAQP in its own form (the shift of the two-stage oracle); a batch
+    mixing LDP-able and singular members answers each of them."""
+    prob = F.infeasible_ineq(4, 10, 2, 9, seed=20)
+    sol, certified, calls = _routes(monkeypatch, prob)
+    assert calls[:4] == ["ldp"] * 4 and "direct" in calls[4:]
+    assert bool(certified.all()) and (sol.status == int(Status.CLOSEST_FEASIBLE)).all()
+    for i in range(4):
+        r = O.cvxpy_closest_feasible(**F.member(prob, i))
+        assert np.abs(sol.x[i].numpy() - r.x).max() < 1e-6
+        assert np.abs(sol.s_in[i].numpy() - r.s_in).max() < 1e-6
+
+    convex = F.strictly_convex(3, 8, 2, 12, seed=11)
+    flat = F.lp(3, 8, 2, 12, seed=13)
+    mixed = {k: torch.cat([convex[k], flat[k]]) for k in convex}
+    sol, certified, calls = _routes(monkeypatch, mixed)
+    assert sorted(calls) == ["direct"] * 3 + ["ldp"] * 3 and bool(certified.all())
+    for i in range(6):
+        member = F.member(mixed, i)
+        kkt = _kkt_violation(member, sol.x[i].numpy(), sol.y[i], sol.z[i])
+        assert max(kkt.values()) <= TOL_KKT, (i, kkt)
