@@ -50,7 +50,7 @@ def _problem(table: dict, name: str, dtype=torch.float64) -> dict:
 
 
 def _solve(prob: dict, settings: Settings = Settings()):
-    return solve_active_set(canonicalize(**prob), settings)
+    return solve_active_set(canonicalize(**prob), settings)[:2]
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +119,7 @@ def test_sign_convention_by_hand():
     C = torch.eye(3, dtype=torch.float64)[:2]
     l = torch.tensor([-10.0, 0.5], dtype=torch.float64)
     u = torch.tensor([1.0, 10.0], dtype=torch.float64)
-    sol, certified = solve_active_set(canonicalize(H, g, A, b, C, l, u), Settings())
+    sol, certified, _ = solve_active_set(canonicalize(H, g, A, b, C, l, u), Settings())
     assert bool(certified.all())
     torch.testing.assert_close(sol.x[0], torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
     torch.testing.assert_close(sol.y[0], torch.tensor([-2.0], dtype=torch.float64))

@@ -24,7 +24,7 @@ in plain C loops (most of its time on dense problems).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def _rows(blocks: list, batch: int) -> np.ndarray:
     return np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1)
 
 
-def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolution", Tensor]:
+def solve_active_set(problem: QPProblem,
+                     settings: Settings) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
 
     Args:
@@ -111,6 +112,8 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
         counts DAQP's active-set iterations (summed over its proximal outer iterations when H is
         singular, and over all solves of a problem: its closest feasible QP, or a retry in its own
         form), plus one for the equality-constrained solve of a least-distance problem.
+        Third, the :class:`LeastDistanceFactor` of the batch's strictly convex problems (None
+        when there is none), for the backward.
     """
     daqp = _import_daqp()
     from alqp.solver import QPSolution
@@ -155,6 +158,7 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
     certified = np.zeros(B, dtype=bool)
     solve = daqp.solve
     sH, sg, sG, sl, su = (int(a.shape[0] > 1) for a in (H, g, G, lo, hi))
+    ldp = None
     if n > 0:
         # Strictly convex problems first, as least-distance problems (_LeastDistanceForm): DAQP
         # then skips its own factorizations, the most of its time on dense problems.
@@ -244,7 +248,7 @@ def solve_active_set(problem: QPProblem, settings: Settings) -> tuple["QPSolutio
         x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
         status=torch.from_numpy(status).to(device), iterations=torch.from_numpy(iters).to(device),
     )
-    return solution, torch.from_numpy(certified).to(device)
+    return solution, torch.from_numpy(certified).to(device), None if ldp is None else ldp.factor
 
 
 def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -252,6 +256,31 @@ def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     if dtype == torch.float64:
         return a
     return torch.from_numpy(a).to(dtype).double().numpy()
+
+
+class LeastDistanceFactor(NamedTuple):
+    """The factorization behind the least-distance form (:class:`_LeastDistanceForm`), a function
+    of H, A and C only. The backward reuses it for its KKT solves
+    (:func:`alqp.backward.kkt_solve_factored`). Tensors are float64 on the CPU, with batch size B,
+    or 1 when H, A and C are shared by the whole batch.
+
+    Attributes:
+        usable: (B,) bool, the problems whose factors below are valid (H safely positive definite,
+            equality rows safely independent); the entries of the others are placeholders.
+        L: (B,n,n) lower-triangular, H = L L'.
+        M_A: (B,p,n) A L^-T.   M_C: (B,m,n) C L^-T.
+        S_factor: (B,p,p) lower-triangular Cholesky factor of S = M_A M_A'.
+        K: (B,p,m) S^-1 M_A M_C'.
+        R: (B,m,n) M_C - K' M_A = M_C P, the inequality rows on the null space of M_A.
+    """
+
+    usable: Tensor
+    L: Tensor
+    M_A: Tensor
+    M_C: Tensor
+    S_factor: Tensor
+    K: Tensor
+    R: Tensor
 
 
 class _LeastDistanceForm:
@@ -281,10 +310,10 @@ class _LeastDistanceForm:
     iterations handle singular Hessians and its own elimination reports dependent equality rows.
     """
 
-    def __init__(self, usable, L, h, M_A, M_C, S_factor, v_A, R, c0, b_t, lo, hi):
-        self.usable, self.L, self.h, self.M_A, self.M_C = usable, L, h, M_A, M_C
-        self.S_factor, self.v_A, self.R, self.c0, self.b_t = S_factor, v_A, R, c0, b_t
-        self.lo, self.hi = lo, hi
+    def __init__(self, factor: "LeastDistanceFactor", h, v_A, b_t, lo, hi):
+        self.factor, self.h, self.v_A, self.b_t, self.lo, self.hi = factor, h, v_A, b_t, lo, hi
+        self.usable = factor.usable.numpy()
+        self.R = factor.R.numpy()  # a view: R is C-contiguous
 
     @classmethod
     def build(cls, problem: QPProblem, H_zero: list) -> "_LeastDistanceForm | None":
@@ -317,15 +346,14 @@ class _LeastDistanceForm:
             if not bool(usable.all()):
                 S_factor = torch.where(usable[:, None, None], S_factor, torch.eye(p, **f64))
             v_A = vm(cholesky_solve_rows(S_factor, b_t), M_A)
-            # R = M_C - (M_C M_A') S^-1 M_A
             K = torch.cholesky_solve(torch.matmul(M_A, M_C.mT), S_factor)  # S^-1 M_A M_C'  (p, m)
-            R = M_C - torch.matmul(K.mT, M_A)
+            R = M_C - torch.matmul(K.mT, M_A)  # M_C P
         else:
-            S_factor, v_A, R = None, torch.zeros_like(h), M_C
+            S_factor, K, v_A, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), torch.zeros_like(h), M_C
         c0 = vm(v_A - h, M_C.mT)
-        usable = usable.expand(B) if shared else usable
-        return cls(usable.numpy(), L, h, M_A, M_C, S_factor, v_A, np.ascontiguousarray(R.numpy()),
-                   c0, b_t, (l - c0).numpy(), (u - c0).numpy())
+        factor = LeastDistanceFactor(usable.expand(B) if shared else usable, L, M_A, M_C, S_factor, K,
+                                     R.contiguous())
+        return cls(factor, h, v_A, b_t, (l - c0).numpy(), (u - c0).numpy())
 
     def solve(self, solve, idx: np.ndarray, options: dict):
         """DAQP on the LDPs of problems ``idx``; returns x (len, n), [y; z] (len, p + m), DAQP's
@@ -350,12 +378,12 @@ class _LeastDistanceForm:
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
         take = lambda t: t if t.shape[0] == 1 or every else t.index_select(0, rows)  # noqa: E731
+        f = self.factor
         u_t, z_t = torch.from_numpy(u_out), torch.from_numpy(z_out)
         v = take(self.v_A) + u_t
-        x = torch.linalg.solve_triangular(take(self.L).mT, (v - take(self.h)).unsqueeze(-1), upper=True).squeeze(-1)
-        if self.S_factor is not None:
-            M_A = take(self.M_A)
-            y = -cholesky_solve_rows(take(self.S_factor), take(self.b_t) + vm(vm(z_t, take(self.M_C)), M_A.mT))
+        x = torch.linalg.solve_triangular(take(f.L).mT, (v - take(self.h)).unsqueeze(-1), upper=True).squeeze(-1)
+        if f.S_factor.shape[-1]:
+            y = -cholesky_solve_rows(take(f.S_factor), take(self.b_t) + vm(vm(z_t, take(f.M_C)), take(f.M_A).mT))
         else:
             y = z_t.new_zeros(idx.size, 0)
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters

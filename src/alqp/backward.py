@@ -245,6 +245,90 @@ def lstsq_min_norm(M: Tensor, rhs: Tensor, rel_reg: float = 1e-10, max_refine: i
     return d_c * v
 
 
+def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, r1: Tensor, r2: Tensor,
+                       r3: Tensor, min_pivot: float = 1e-10, max_refine: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve the KKT systems of feasible problems with the forward's factorization of H and A.
+
+    The system [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] (w1, w2, w3_J) = (r1, r2, r3_J), J the
+    active rows, is solved with the :class:`alqp.active_set.LeastDistanceFactor` of the forward
+    (H = L L', M = [A; C] L^-T, S = M_A M_A' = S_f S_f', K = S^-1 M_A M_C', R = M_C - K'M_A): with
+    w1 = L^-T q it is the KKT system of min 1/2|q|^2 - h'q, h = L^-1 r1, on the rows M, whose
+    multipliers solve (M_J M_J') w = M_J h - r. Eliminating the equality block leaves the Schur
+    complement T = R_J R_J' (|J| x |J|): only T is factored here. Then
+
+        w3 = T^-1 (e_C - K'e_A),  w2 = S^-1 e_A - K w3,  w1 = L^-T (h - M_A'w2 - M_C'w3),
+
+    e = M h - r. A problem is reported unsolved (the caller takes :func:`kkt_solve_direct`) where
+    T's factorization fails, where a pivot t_i of T has t_i^2 below ``min_pivot`` |M_C,i|^2 (an
+    active row within sin = 1e-5 of the span of the equality rows and the active rows before it),
+    or where the residual in the problem's own terms misses :func:`kkt_solve_direct`'s tolerance
+    after ``max_refine`` refinement steps.
+
+    Args:
+        factor: the LeastDistanceFactor, its tensors already restricted to this batch (batch
+            size B or 1), usable everywhere.
+        H (B,n,n), A (B,p,n), C (B,m,n): the problems.  active: (B,m) float 0/1, the rows J.
+        r1 (B,n), r2 (B,p), r3 (B,m).
+
+    Returns:
+        w1 (B,n), w2 (B,p), w3 (B,m) (0 off J), and solved (B,) bool (w are 0 where it is False).
+    """
+    B, n = r1.shape
+    p, m = A.shape[-2], C.shape[-2]
+    L, M_A, M_C, S_f, K, R = factor.L, factor.M_A, factor.M_C, factor.S_factor, factor.K, factor.R
+    a = active
+    Ra = R * a.unsqueeze(-1)
+    T = torch.matmul(Ra, Ra.mT)
+    T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
+    T_f, info = torch.linalg.cholesky_ex(T)
+    row2 = torch.where(a > 0, M_C.square().sum(-1), torch.ones_like(a))
+    ok = (info == 0) & (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1) if m else info == 0
+    if not bool(ok.all()):
+        T_f = torch.where(ok[:, None, None], T_f, torch.eye(m, dtype=T.dtype, device=T.device))
+
+    def solve(q1: Tensor, q2: Tensor, q3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # Row-vector forms (x' L' = q' for L^-1 q, x' L = q' for L^-T q): faster batched on CPU.
+        h = torch.linalg.solve_triangular(L.mT, q1.unsqueeze(-2), upper=True, left=False).squeeze(-2)
+        e_A = vm(h, M_A.mT) - q2
+        e_C = (vm(h, M_C.mT) - q3) * a
+        v3 = cholesky_solve_rows(T_f, (e_C - vm(e_A, K)) * a) * a if m else e_C
+        v2 = (cholesky_solve_rows(S_f, e_A) - vm(v3, K.mT)) if p else e_A
+        q = h - vm(v2, M_A) - vm(v3, M_C)
+        v1 = torch.linalg.solve_triangular(L, q.unsqueeze(-2), upper=False, left=False).squeeze(-2)
+        return v1, v2, v3
+
+    def residual(v1, v2, v3):
+        return r1 - vm(v1, H) - vm(v2, A) - vm(v3, C), r2 - vm(v1, A.mT), (r3 - vm(v1, C.mT)) * a
+
+    w1, w2, w3 = solve(r1, r2, r3)
+    # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
+    scale = torch.maximum(H.diagonal(dim1=-2, dim2=-1).amax(-1),
+                          torch.maximum(_max_abs_each(A), _max_abs_each(C)))
+    size = torch.maximum(inf_norm(r1), torch.maximum(inf_norm(r2), inf_norm(a * r3)))
+    solved = torch.zeros_like(ok)
+    for step in range(max_refine + 1):
+        res = residual(w1, w2, w3)
+        w_size = torch.maximum(inf_norm(w1), torch.maximum(inf_norm(w2), inf_norm(w3)))
+        tol = 1e-11 * (n + p + m) * (scale * w_size + size)
+        err = torch.maximum(inf_norm(res[0]), torch.maximum(inf_norm(res[1]), inf_norm(res[2])))
+        solved = ok & (err <= tol) & torch.isfinite(w_size)
+        if bool((solved | ~ok).all()) or step == max_refine:
+            break
+        d1, d2, d3 = solve(*res)
+        w1, w2, w3 = w1 + d1, w2 + d2, w3 + d3
+    keep = solved.unsqueeze(-1)
+    zero = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
+    return zero(w1), zero(w2), zero(w3), solved
+
+
+def _max_abs_each(M: Tensor) -> Tensor:
+    """(B,r,c) -> (B,) the largest |entry| of each matrix (0 when empty), in one fused pass."""
+    if M.numel() == 0:
+        return M.new_zeros(M.shape[0])
+    low, high = torch.aminmax(M.flatten(1), dim=-1)
+    return torch.maximum(-low, high)
+
+
 def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: float = 1e-9, max_refine: int = 8,
                      equilibrate_iter: int = 2) -> tuple[Tensor, Tensor, Tensor]:
     """Solve symmetric KKT systems [[H, G'], [G, 0]] (w1, w2) = (r1, r2) where they are nonsingular,
@@ -418,7 +502,7 @@ def _shift_null_basis(G: Tensor, V: Tensor, rtol: float = 1e-9) -> Tensor:
 def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = None, grad_y: Optional[Tensor] = None,
                       grad_z: Optional[Tensor] = None, grad_s_eq: Optional[Tensor] = None,
                       grad_s_in: Optional[Tensor] = None, settings: Optional[Settings] = None,
-                      active_tol: Optional[float] = None) -> dict:
+                      active_tol: Optional[float] = None, factor=None) -> dict:
     """Gradients of a loss with respect to the QP data, by implicit differentiation.
 
     See the module docstring for the equations. Problems whose status is neither SOLVED nor
@@ -433,6 +517,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             None means zero.
         settings: the forward's :class:`Settings` (sets the default activity tolerance).
         active_tol: override of :func:`activity_tol`.
+        factor: the forward's :class:`alqp.active_set.LeastDistanceFactor` of ``problem``, or
+            None: SOLVED problems it covers get their KKT solve from it (:func:`kkt_solve_factored`).
 
     Returns:
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above,
@@ -482,13 +568,32 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             M, rhs, N = system()
             w = lstsq_min_norm(M, rhs)
         else:
-            # Most feasible problems have a nonsingular KKT matrix: solve those directly, the
+            # Most feasible problems have a nonsingular KKT matrix: solve those directly (with the
+            # forward's factorization where it has one, else by a regularized factorization), the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
             a = act_g.active
-            w1_g, w23_g, solved = kkt_solve_direct(P_g.H, torch.cat([P_g.A, a.unsqueeze(-1) * P_g.C], -2),
-                                                    sub(gx), torch.cat([sub(gy), a * sub(gz)], -1))
-            w = torch.cat([w1_g, w23_g], -1)
+            w = P_g.H.new_zeros(idx.numel(), n + p + m)
+            solved = torch.zeros(idx.numel(), dtype=torch.bool, device=w.device)
+            if factor is not None:
+                usable = sub(factor.usable.to(w.device).expand(B))
+                pick = usable.nonzero().squeeze(-1)
+                if pick.numel():
+                    every = pick.numel() == idx.numel()
+                    take = (lambda t: t) if every else (lambda t: t[pick])  # noqa: E731
+                    f_g = type(factor)(*(t if t.shape[0] == 1 else take(sub(t)) for t in factor))
+                    w1_f, w2_f, w3_f, solved_f = kkt_solve_factored(
+                        f_g, take(P_g.H), take(P_g.A), take(P_g.C), take(a), take(sub(gx)), take(sub(gy)),
+                        take(sub(gz)))
+                    w[pick] = torch.cat([w1_f, w2_f, w3_f], -1)
+                    solved[pick] = solved_f
             rest = (~solved).nonzero().squeeze(-1)
+            if rest.numel():
+                G_r = torch.cat([P_g.A[rest], a[rest].unsqueeze(-1) * P_g.C[rest]], -2)
+                w1_r, w23_r, solved_r = kkt_solve_direct(P_g.H[rest], G_r, sub(gx)[rest],
+                                                         torch.cat([sub(gy)[rest], a[rest] * sub(gz)[rest]], -1))
+                w[rest] = torch.cat([w1_r, w23_r], -1)
+                solved[rest] = solved_r
+                rest = (~solved).nonzero().squeeze(-1)
             if rest.numel():
                 M, rhs, _ = system()
                 w[rest] = lstsq_min_norm(M[rest], rhs[rest])

@@ -16,9 +16,11 @@ How the gradients are computed is a pluggable *backward engine*, chosen by name:
   :func:`solve_qp` / :class:`QPLayer` and reach the engine as keyword arguments.
 
 An engine is a function ``engine(problem, solution, grad_x, grad_y, grad_z, grad_s_eq, grad_s_in,
-settings, **options) -> dict`` that receives the canonical batch (:class:`alqp.problem.QPProblem`,
-every tensor with its batch dimension B, detached), the batched :class:`QPSolution` and the incoming
-gradients (each (B, k)), and returns the gradients of "H", "g", "A", "b", "C", "l", "u" with the
+settings, factor=None, **options) -> dict`` that receives the canonical batch
+(:class:`alqp.problem.QPProblem`, every tensor with its batch dimension B, detached), the batched
+:class:`QPSolution`, the incoming gradients (each (B, k)) and the factorization of H and A the
+forward computed (:class:`alqp.active_set.LeastDistanceFactor` or None; an engine may ignore it),
+and returns the gradients of "H", "g", "A", "b", "C", "l", "u" with the
 batched shapes. This module then reduces them to the shapes the caller gave (summing over the batch for a
 shared input) and casts them to the inputs' dtype and device.
 
@@ -39,14 +41,15 @@ from torch.autograd.function import once_differentiable
 from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, QPProblem, canonicalize
 from alqp.settings import Settings
-from alqp.solver import QPSolution, solve_problem, unbatch
+from alqp.solver import QPSolution, solve_problem_factored, unbatch
 
 
-def _ift_engine(problem, solution, gx, gy, gz, gse, gsi, settings):
-    return implicit_backward(problem, solution, gx, gy, gz, gse, gsi, settings=settings)
+def _ift_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None):
+    return implicit_backward(problem, solution, gx, gy, gz, gse, gsi, settings=settings, factor=factor)
 
 
-def _lpgd_engine(problem, solution, gx, gy, gz, gse, gsi, settings, **options):
+def _lpgd_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None, **options):
+    # (LPGD re-solves the perturbed problem: the forward's factorization is of no use to it.)
     return _load_lpgd().lpgd_backward(problem, solution, gx, gy, gz, gse, gsi, settings, **options)
 
 
@@ -100,14 +103,16 @@ class QPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, settings: Settings, warm_start, engine: Callable, H, g, A, b, C, l, u):
         problem = canonicalize(H, g, A, b, C, l, u)
-        solution = solve_problem(problem, settings, warm_start)
-        ctx.settings, ctx.engine = settings, engine
+        solution, factor = solve_problem_factored(problem, settings, warm_start)
+        if engine is not _ift_engine:
+            factor = None  # only the implicit backward reuses it: do not keep it alive
+        ctx.settings, ctx.engine, ctx.factor_type = settings, engine, None if factor is None else type(factor)
         ctx.batched, ctx.unbatched = problem.batched, problem.unbatched
         ctx.inputs_meta = [None if t is None else (t.shape, t.dtype, t.device) for t in (H, g, A, b, C, l, u)]
         # Through save_for_backward (not ctx attributes): no reference cycle through the outputs, and
         # autograd detects an in-place change of an input or output before the backward uses it
         # (the problem's tensors are detached views of the inputs).
-        ctx.save_for_backward(*problem.tensors().values(), *solution)
+        ctx.save_for_backward(*problem.tensors().values(), *solution, *(factor or ()))
         ctx.mark_non_differentiable(solution.status, solution.iterations)
         return tuple(solution)
 
@@ -118,8 +123,9 @@ class QPFunction(torch.autograd.Function):
             return (None,) * 10
         saved = ctx.saved_tensors
         problem = QPProblem(**dict(zip(ARG_NAMES, saved[:7])), batched=ctx.batched, unbatched=ctx.unbatched)
-        solution = QPSolution(*saved[7:])
-        grads = ctx.engine(problem, solution, gx, gy, gz, gse, gsi, ctx.settings)
+        solution = QPSolution(*saved[7:14])
+        factor = None if ctx.factor_type is None else ctx.factor_type(*saved[14:])
+        grads = ctx.engine(problem, solution, gx, gy, gz, gse, gsi, ctx.settings, factor=factor)
         out = []
         for i, name in enumerate(ARG_NAMES):
             meta = ctx.inputs_meta[i]

@@ -11,7 +11,7 @@ stopping are measured in the caller's units.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from alqp.activity import activity_tol, closest_feasible_output
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
+
+if TYPE_CHECKING:  # active_set imports numpy and daqp: only when the engine runs
+    from alqp.active_set import LeastDistanceFactor
 
 
 class QPSolution(NamedTuple):
@@ -142,18 +145,27 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
     Returns:
         :class:`QPSolution`, batched.
     """
+    return solve_problem_factored(problem, settings, warm_start)[0]
+
+
+def solve_problem_factored(problem: QPProblem, settings: Settings,
+                           warm_start=None) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
+    """:func:`solve_problem`, and the factorization of the batch's strictly convex problems that
+    the active-set engine computed on the way (:class:`alqp.active_set.LeastDistanceFactor`, a
+    function of H, A and C only; None on the ALM engine or when no problem is strictly convex),
+    which the implicit backward reuses."""
     engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
     if engine == "active_set":
         from alqp.active_set import solve_active_set  # numpy and daqp only when used
         ws = _batched_warm_start(warm_start, problem)  # (validated even where it is not needed)
-        solution, certified = solve_active_set(problem, settings)
+        solution, certified, factor = solve_active_set(problem, settings)
         if bool(certified.all()):
-            return solution
+            return solution, factor
         rest = (~certified).nonzero().squeeze(-1)
         ws = None if ws is None else [t.index_select(0, rest) for t in ws]
         fallback = solve_alm(problem.select(rest), settings, ws)
-        return QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback)))
-    return solve_alm(problem, settings, warm_start)
+        return QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback))), factor
+    return solve_alm(problem, settings, warm_start), None
 
 
 def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
