@@ -39,8 +39,10 @@ def max_abs(t: Tensor) -> Tensor:
 def magnitudes(M: Tensor) -> Tensor:
     """|M| in single precision (float64 input) or M's own precision, overflow clipped: enough for
     equilibration, whose scalings need a few digits only, at half the memory traffic."""
-    work = torch.float32 if M.dtype == torch.float64 else M.dtype
-    return M.abs().to(work).clamp_(max=torch.finfo(work).max)
+    if M.dtype != torch.float64:
+        return M.abs()  # (a new tensor: never abs_ on the caller's own)
+    # Converted first, then made absolute in place: one temporary, of the small type.
+    return M.to(torch.float32).abs_().clamp_(max=torch.finfo(torch.float32).max)
 
 
 def cholesky_solve_refined(K: Tensor, rhs: Tensor, refinements: int = 1) -> tuple[Tensor, Tensor]:
