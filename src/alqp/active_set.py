@@ -268,19 +268,22 @@ class LeastDistanceFactor(NamedTuple):
         usable: (B,) bool, the problems whose factors below are valid (H safely positive definite,
             equality rows safely independent); the entries of the others are placeholders.
         L: (B,n,n) lower-triangular, H = L L'.
-        M_A: (B,p,n) A L^-T.   M_C: (B,m,n) C L^-T.
+        Mt: (B,n,p+m) L^-1 [A; C]' = [M_A; M_C]' (M_A = A L^-T, M_C = C L^-T).
         S_factor: (B,p,p) lower-triangular Cholesky factor of S = M_A M_A'.
         K: (B,p,m) S^-1 M_A M_C'.
         R: (B,m,n) M_C - K' M_A = M_C P, the inequality rows on the null space of M_A.
+        M_C_norm2: (B,m) |M_C,i|^2, the inequality rows' size in H's metric.
+        scale: (B,) the largest |entry| of H, A and C.
     """
 
     usable: Tensor
     L: Tensor
-    M_A: Tensor
-    M_C: Tensor
+    Mt: Tensor
     S_factor: Tensor
     K: Tensor
     R: Tensor
+    M_C_norm2: Tensor
+    scale: Tensor
 
 
 class _LeastDistanceForm:
@@ -335,7 +338,8 @@ class _LeastDistanceForm:
         if not bool(usable.all()):
             L = torch.where(usable[:, None, None], L, torch.eye(n, **f64))
         # M' = L^-1 G' for both blocks at once, h = L^-1 g.
-        Mt = torch.linalg.solve_triangular(L, torch.cat([A, C], -2).mT, upper=False)
+        G = torch.cat([A, C], -2)
+        Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)
         M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
         h = torch.linalg.solve_triangular(L, g.unsqueeze(-1), upper=False).squeeze(-1)
         b_t = b + vm(h, M_A.mT)
@@ -351,8 +355,10 @@ class _LeastDistanceForm:
         else:
             S_factor, K, v_A, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), torch.zeros_like(h), M_C
         c0 = vm(v_A - h, M_C.mT)
-        factor = LeastDistanceFactor(usable.expand(B) if shared else usable, L, M_A, M_C, S_factor, K,
-                                     R.contiguous())
+        # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
+        scale = torch.maximum(H.diagonal(dim1=-2, dim2=-1).amax(-1), _max_abs_each(G))
+        factor = LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K,
+                                     R.contiguous(), M_C.square().sum(-1), scale)
         return cls(factor, h, v_A, b_t, (l - c0).numpy(), (u - c0).numpy())
 
     def solve(self, solve, idx: np.ndarray, options: dict):
@@ -383,10 +389,20 @@ class _LeastDistanceForm:
         v = take(self.v_A) + u_t
         x = torch.linalg.solve_triangular(take(f.L).mT, (v - take(self.h)).unsqueeze(-1), upper=True).squeeze(-1)
         if f.S_factor.shape[-1]:
-            y = -cholesky_solve_rows(take(f.S_factor), take(self.b_t) + vm(vm(z_t, take(f.M_C)), take(f.M_A).mT))
+            p = f.S_factor.shape[-1]
+            Mt = take(f.Mt)
+            y = -cholesky_solve_rows(take(f.S_factor), take(self.b_t) + vm(vm(z_t, Mt[..., p:].mT), Mt[..., :p]))
         else:
             y = z_t.new_zeros(idx.size, 0)
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
+
+
+def _max_abs_each(M: Tensor) -> Tensor:
+    """(B,r,c) -> (B,) the largest |entry| of each matrix (0 when empty), in one fused pass."""
+    if M.numel() == 0:
+        return M.new_zeros(M.shape[0])
+    low, high = torch.aminmax(M.flatten(1), dim=-1)
+    return torch.maximum(-low, high)
 
 
 def _pivots_fine(F: Tensor, K: Tensor) -> Tensor:

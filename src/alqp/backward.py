@@ -257,7 +257,8 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
 
     The system [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] (w1, w2, w3_J) = (r1, r2, r3_J), J the
     active rows, is solved with the :class:`alqp.active_set.LeastDistanceFactor` of the forward
-    (H = L L', M = [A; C] L^-T, S = M_A M_A' = S_f S_f', K = S^-1 M_A M_C', R = M_C - K'M_A): with
+    (H = L L', M = [A; C] L^-T = [M_A; M_C], S = M_A M_A' = S_f S_f', K = S^-1 M_A M_C',
+    R = M_C - K'M_A): with
     w1 = L^-T q it is the KKT system of min 1/2|q|^2 - h'q, h = L^-1 r1, on the rows M, whose
     multipliers solve (M_J M_J') w = M_J h - r. Eliminating the equality block leaves the Schur
     complement T = R_J R_J' (|J| x |J|): only T is factored here. Then
@@ -281,58 +282,50 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     """
     B, n = r1.shape
     p, m = A.shape[-2], C.shape[-2]
-    L, M_A, M_C, S_f, K, R = factor.L, factor.M_A, factor.M_C, factor.S_factor, factor.K, factor.R
+    L, Mt, S_f, K, R = factor.L, factor.Mt, factor.S_factor, factor.K, factor.R
     a = active
     Ra = R * a.unsqueeze(-1)
     T = torch.matmul(Ra, Ra.mT)
     T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
     T_f, info = torch.linalg.cholesky_ex(T)
-    row2 = torch.where(a > 0, M_C.square().sum(-1), torch.ones_like(a))
+    row2 = torch.where(a > 0, factor.M_C_norm2, torch.ones_like(a))
     ok = (info == 0) & (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1) if m else info == 0
     if not bool(ok.all()):
         T_f = torch.where(ok[:, None, None], T_f, torch.eye(m, dtype=T.dtype, device=T.device))
+    G = torch.cat([A, C], -2)
+    mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
+    r23 = torch.cat([r2, r3], -1) * mask
 
-    def solve(q1: Tensor, q2: Tensor, q3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def solve(q1: Tensor, q23: Tensor) -> tuple[Tensor, Tensor]:
         # Row-vector forms (x' L' = q' for L^-1 q, x' L = q' for L^-T q): faster batched on CPU.
         h = torch.linalg.solve_triangular(L.mT, q1.unsqueeze(-2), upper=True, left=False).squeeze(-2)
-        e_A = vm(h, M_A.mT) - q2
-        e_C = (vm(h, M_C.mT) - q3) * a
+        e = vm(h, Mt) - q23  # [e_A; e_C] = M h - r
+        e_A, e_C = e[:, :p], e[:, p:] * a
         v3 = cholesky_solve_rows(T_f, (e_C - vm(e_A, K)) * a) * a if m else e_C
         v2 = (cholesky_solve_rows(S_f, e_A) - vm(v3, K.mT)) if p else e_A
-        q = h - vm(v2, M_A) - vm(v3, M_C)
-        v1 = torch.linalg.solve_triangular(L, q.unsqueeze(-2), upper=False, left=False).squeeze(-2)
-        return v1, v2, v3
+        v23 = torch.cat([v2, v3], -1)
+        v1 = torch.linalg.solve_triangular(L, (h - vm(v23, Mt.mT)).unsqueeze(-2), upper=False, left=False)
+        return v1.squeeze(-2), v23
 
-    def residual(v1, v2, v3):
-        return r1 - vm(v1, H) - vm(v2, A) - vm(v3, C), r2 - vm(v1, A.mT), (r3 - vm(v1, C.mT)) * a
+    def residual(v1: Tensor, v23: Tensor) -> tuple[Tensor, Tensor]:
+        return r1 - vm(v1, H) - vm(v23, G), (r23 - vm(v1, G.mT)) * mask
 
-    w1, w2, w3 = solve(r1, r2, r3)
-    # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-    scale = torch.maximum(H.diagonal(dim1=-2, dim2=-1).amax(-1),
-                          torch.maximum(_max_abs_each(A), _max_abs_each(C)))
-    size = torch.maximum(inf_norm(r1), torch.maximum(inf_norm(r2), inf_norm(a * r3)))
+    w1, w23 = solve(r1, r23)
+    size = torch.maximum(inf_norm(r1), inf_norm(r23))
     solved = torch.zeros_like(ok)
     for step in range(max_refine + 1):
-        res = residual(w1, w2, w3)
-        w_size = torch.maximum(inf_norm(w1), torch.maximum(inf_norm(w2), inf_norm(w3)))
-        tol = 1e-11 * (n + p + m) * (scale * w_size + size)
-        err = torch.maximum(inf_norm(res[0]), torch.maximum(inf_norm(res[1]), inf_norm(res[2])))
-        solved = ok & (err <= tol) & torch.isfinite(w_size)
+        res1, res23 = residual(w1, w23)
+        w_size = torch.maximum(inf_norm(w1), inf_norm(w23))
+        tol = 1e-11 * (n + p + m) * (factor.scale * w_size + size)
+        solved = ok & (torch.maximum(inf_norm(res1), inf_norm(res23)) <= tol) & torch.isfinite(w_size)
         if bool((solved | ~ok).all()) or step == max_refine:
             break
-        d1, d2, d3 = solve(*res)
-        w1, w2, w3 = w1 + d1, w2 + d2, w3 + d3
+        d1, d23 = solve(res1, res23)
+        w1, w23 = w1 + d1, w23 + d23
     keep = solved.unsqueeze(-1)
-    zero = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
-    return zero(w1), zero(w2), zero(w3), solved
-
-
-def _max_abs_each(M: Tensor) -> Tensor:
-    """(B,r,c) -> (B,) the largest |entry| of each matrix (0 when empty), in one fused pass."""
-    if M.numel() == 0:
-        return M.new_zeros(M.shape[0])
-    low, high = torch.aminmax(M.flatten(1), dim=-1)
-    return torch.maximum(-low, high)
+    w1 = torch.where(keep, w1, torch.zeros_like(w1))
+    w23 = torch.where(keep, w23, torch.zeros_like(w23))
+    return w1, w23[:, :p], w23[:, p:], solved
 
 
 def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: float = 1e-9, max_refine: int = 8,
@@ -620,9 +613,12 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             if rest.numel():
                 M, rhs, _, _ = system()
                 w[rest] = lstsq_min_norm(M[rest], rhs[rest])
-        w1[idx] = w[:, :n]
-        w2[idx] = w[:, n:n + p]
-        w3[idx] = w[:, n + p:n + p + m] * act_g.active
+        if whole:  # (views, no scatter: the common case of one group)
+            w1, w2, w3 = w[:, :n], w[:, n:n + p], w[:, n + p:n + p + m] * act_g.active
+        else:
+            w1[idx] = w[:, :n]
+            w2[idx] = w[:, n:n + p]
+            w3[idx] = w[:, n + p:n + p + m] * act_g.active
         if full:
             w5[idx] = w[:, n + p + m:n + p + m + n]
             V = torch.cat([act_g.violated_eq, act_g.violated], -1)
@@ -634,14 +630,17 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         product: one pass over the (B,r,c) result instead of one per term."""
         return torch.bmm(torch.stack(left, -1), torch.stack(right, -2))
 
-    s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
-    s_in_used = act.violated * s_in
+    A_left, A_right, C_left, C_right = [y, w2], [w1, x], [z, w3], [w1, x]
+    if bool(act.shifted.any()):  # the closest-feasible terms (zero for SOLVED problems)
+        s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
+        A_left, A_right = A_left + [s_eq_used, -w6[:, :p]], A_right + [w5, c]
+        C_left, C_right = C_left + [act.violated * s_in, -w6[:, p:]], C_right + [w5, c]
     grads = {
         "H": outer_sum([w1, x], [x, w1]).mul_(-0.5),
         "g": -w1,
-        "A": outer_sum([y, w2, s_eq_used, -w6[:, :p]], [w1, x, w5, c]).neg_(),
+        "A": outer_sum(A_left, A_right).neg_(),
         "b": w2,
-        "C": outer_sum([z, w3, s_in_used, -w6[:, p:]], [w1, x, w5, c]).neg_(),
+        "C": outer_sum(C_left, C_right).neg_(),
         "l": torch.where(torch.isfinite(P.l), act.lower * w3, torch.zeros_like(w3)),
         "u": torch.where(torch.isfinite(P.u), act.upper * w3, torch.zeros_like(w3)),
     }
