@@ -350,13 +350,16 @@ class _LeastDistanceForm:
             if not bool(usable.all()):
                 S_factor = torch.where(usable[:, None, None], S_factor, torch.eye(p, **f64))
             v_A = vm(cholesky_solve_rows(S_factor, b_t), M_A)
-            K = torch.cholesky_solve(torch.matmul(M_A, M_C.mT), S_factor)  # S^-1 M_A M_C'  (p, m)
+            # K = S^-1 M_A M_C' (p, m), by two triangular solves (torch.cholesky_solve copies the factor).
+            K = torch.linalg.solve_triangular(S_factor, torch.matmul(M_A, M_C.mT), upper=False)
+            K = torch.linalg.solve_triangular(S_factor.mT, K, upper=True)
             R = M_C - torch.matmul(K.mT, M_A)  # M_C P
         else:
             S_factor, K, v_A, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), torch.zeros_like(h), M_C
         c0 = vm(v_A - h, M_C.mT)
         # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-        scale = torch.maximum(H.diagonal(dim1=-2, dim2=-1).amax(-1), _max_abs_each(G))
+        scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
+                                            np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
         factor = LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K,
                                      R.contiguous(), M_C.square().sum(-1), scale)
         return cls(factor, h, v_A, b_t, (l - c0).numpy(), (u - c0).numpy())
@@ -397,21 +400,14 @@ class _LeastDistanceForm:
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
 
 
-def _max_abs_each(M: Tensor) -> Tensor:
-    """(B,r,c) -> (B,) the largest |entry| of each matrix (0 when empty), in one fused pass."""
-    if M.numel() == 0:
-        return M.new_zeros(M.shape[0])
-    low, high = torch.aminmax(M.flatten(1), dim=-1)
-    return torch.maximum(-low, high)
-
-
 def _pivots_fine(F: Tensor, K: Tensor) -> Tensor:
     """(B,) True where every pivot F_ii of the Cholesky factor F of K has F_ii^2 >= _LDP_MIN_PIVOT K_ii:
     no row of K is that close to the span of the ones before it (a scale-free test)."""
     if K.shape[-1] == 0:
         return torch.ones(K.shape[0], dtype=torch.bool)
-    pivot2 = F.diagonal(dim1=-2, dim2=-1).square()
-    return (pivot2 >= _LDP_MIN_PIVOT * K.diagonal(dim1=-2, dim2=-1)).all(-1)
+    # (On the diagonals' numpy views: a few vectors, where torch's per-call cost would dominate.)
+    pivot = F.diagonal(dim1=-2, dim2=-1).numpy()
+    return torch.from_numpy((pivot * pivot >= _LDP_MIN_PIVOT * K.diagonal(dim1=-2, dim2=-1).numpy()).all(-1))
 
 
 def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):

@@ -26,13 +26,15 @@ def activity_tol(dtype: torch.dtype, settings: Optional[Settings] = None) -> flo
     return max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
 
 
-def row_tolerance(M: Tensor, lo: Tensor, hi: Tensor, x: Tensor, tol: float) -> Tensor:
+def row_tolerance(M: Tensor, lo: Tensor, hi: Tensor, x: Tensor, tol: float, abs_M: Optional[Tensor] = None,
+                  finite: Optional[tuple] = None) -> Tensor:
     """(B,k) ``tol * (1 + |M_i||x| + |finite bound_i|)``: the absolute tolerance of each row
-    lo <= M x <= hi, M (B,k,n), lo, hi (B,k) (entries may be infinite), x (B,n)."""
+    lo <= M x <= hi, M (B,k,n), lo, hi (B,k) (entries may be infinite), x (B,n). A caller that
+    has them already passes |M| (``abs_M``) and (isfinite(lo), isfinite(hi)) (``finite``)."""
+    fin_lo, fin_hi = finite if finite is not None else (torch.isfinite(lo), torch.isfinite(hi))
     zero = torch.zeros_like(lo)
-    bound = torch.maximum(torch.where(torch.isfinite(lo), lo.abs(), zero),
-                          torch.where(torch.isfinite(hi), hi.abs(), zero))
-    return tol * (1.0 + vm(x.abs(), M.abs().transpose(-1, -2)) + bound)
+    bound = torch.maximum(torch.where(fin_lo, lo.abs(), zero), torch.where(fin_hi, hi.abs(), zero))
+    return tol * (1.0 + vm(x.abs(), (M.abs() if abs_M is None else abs_M).transpose(-1, -2)) + bound)
 
 
 def shifted_rows(A: Tensor, b: Tensor, C: Tensor, l: Tensor, u: Tensor, x: Tensor, s_eq: Tensor, s_in: Tensor,

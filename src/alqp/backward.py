@@ -122,7 +122,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     fin_l, fin_u = torch.isfinite(l), torch.isfinite(u)
     zero = torch.zeros_like(l)
     absC = C.abs()
-    ptol = row_tolerance(C, l, u, x, tol)
+    ptol = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
     r = vm(x, C.transpose(-1, -2)) - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
     on_u = fin_u & ((r - torch.where(fin_u, u, zero)).abs() <= ptol)
     on_l = fin_l & ((r - torch.where(fin_l, l, zero)).abs() <= ptol)
@@ -288,8 +288,10 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     T = torch.matmul(Ra, Ra.mT)
     T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
     T_f, info = torch.linalg.cholesky_ex(T)
-    row2 = torch.where(a > 0, factor.M_C_norm2, torch.ones_like(a))
-    ok = (info == 0) & (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1) if m else info == 0
+    ok = info == 0
+    if m:
+        row2 = torch.where(a > 0, factor.M_C_norm2, torch.ones_like(a))
+        ok &= (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1)
     if not bool(ok.all()):
         T_f = torch.where(ok[:, None, None], T_f, torch.eye(m, dtype=T.dtype, device=T.device))
     G = torch.cat([A, C], -2)
@@ -311,13 +313,13 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
         return r1 - vm(v1, H) - vm(v23, G), (r23 - vm(v1, G.mT)) * mask
 
     w1, w23 = solve(r1, r23)
-    size = torch.maximum(inf_norm(r1), inf_norm(r23))
+    size = inf_norm(torch.cat([r1, r23], -1))
     solved = torch.zeros_like(ok)
     for step in range(max_refine + 1):
         res1, res23 = residual(w1, w23)
-        w_size = torch.maximum(inf_norm(w1), inf_norm(w23))
+        w_size = inf_norm(torch.cat([w1, w23], -1))
         tol = 1e-11 * (n + p + m) * (factor.scale * w_size + size)
-        solved = ok & (torch.maximum(inf_norm(res1), inf_norm(res23)) <= tol) & torch.isfinite(w_size)
+        solved = ok & (inf_norm(torch.cat([res1, res23], -1)) <= tol) & torch.isfinite(w_size)
         if bool((solved | ~ok).all()) or step == max_refine:
             break
         d1, d23 = solve(res1, res23)
@@ -588,20 +590,22 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             # forward's factorization where it has one, else by a regularized factorization), the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
             a = act_g.active
-            w = P_g.H.new_zeros(idx.numel(), n + p + m)
-            solved = torch.zeros(idx.numel(), dtype=torch.bool, device=w.device)
-            if factor is not None:
-                usable = sub(factor.usable.to(w.device).expand(B))
-                pick = usable.nonzero().squeeze(-1)
+            usable = None if factor is None else sub(factor.usable.to(a.device).expand(B))
+            if usable is not None and bool(usable.all()):  # (the common case: no index juggling)
+                w1_f, w2_f, w3_f, solved = kkt_solve_factored(
+                    factor if whole else type(factor)(*(t if t.shape[0] == 1 else sub(t) for t in factor)),
+                    P_g.H, P_g.A, P_g.C, a, sub(gx), sub(gy), sub(gz))
+                w = torch.cat([w1_f, w2_f, w3_f], -1)
+            else:
+                w = P_g.H.new_zeros(idx.numel(), n + p + m)
+                solved = torch.zeros(idx.numel(), dtype=torch.bool, device=w.device)
+                pick = usable.nonzero().squeeze(-1) if usable is not None else idx[:0]
                 if pick.numel():
-                    every = pick.numel() == idx.numel()
-                    take = (lambda t: t) if every else (lambda t: t[pick])  # noqa: E731
-                    f_g = type(factor)(*(t if t.shape[0] == 1 else take(sub(t)) for t in factor))
-                    w1_f, w2_f, w3_f, solved_f = kkt_solve_factored(
-                        f_g, take(P_g.H), take(P_g.A), take(P_g.C), take(a), take(sub(gx)), take(sub(gy)),
-                        take(sub(gz)))
+                    f_g = type(factor)(*(t if t.shape[0] == 1 else sub(t)[pick] for t in factor))
+                    w1_f, w2_f, w3_f, solved[pick] = kkt_solve_factored(
+                        f_g, P_g.H[pick], P_g.A[pick], P_g.C[pick], a[pick], sub(gx)[pick], sub(gy)[pick],
+                        sub(gz)[pick])
                     w[pick] = torch.cat([w1_f, w2_f, w3_f], -1)
-                    solved[pick] = solved_f
             rest = (~solved).nonzero().squeeze(-1)
             if rest.numel():
                 G_r = torch.cat([P_g.A[rest], a[rest].unsqueeze(-1) * P_g.C[rest]], -2)

@@ -150,10 +150,13 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
     B = distinct.pop() if distinct else 1
     unbatched = not sizes
 
-    for name in ("H", "g", "A", "b", "C"):
-        t = present.get(name)
-        if t is not None and not _all_finite(t):
-            raise ValueError(f"{name} contains NaN or Inf")
+    data = [(name, present[name]) for name in ("H", "g", "A", "b", "C") if name in present]
+    # One sum per tensor and a single check (a NaN or Inf anywhere makes the total non-finite);
+    # only when it fails are the tensors checked one by one, to name the culprit.
+    if not bool(torch.isfinite(torch.stack([t.detach().sum() for _, t in data]).sum())):
+        for name, t in data:
+            if not _all_finite(t):
+                raise ValueError(f"{name} contains NaN or Inf")
     for name in ("l", "u"):
         t = present.get(name)
         if t is not None and torch.isnan(t).any():
