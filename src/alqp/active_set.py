@@ -79,7 +79,9 @@ def _host(t: Tensor) -> np.ndarray:
     (numpy broadcasts it, and the solve loop indexes it at 0)."""
     if t.shape[0] > 1 and t.stride(0) == 0:
         t = t[:1]
-    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+    if t.device.type != "cpu" or t.dtype != torch.float64:
+        t = t.to(device="cpu", dtype=torch.float64)
+    return np.ascontiguousarray(t.detach().numpy())
 
 
 def _rows(blocks: list, batch: int) -> np.ndarray:
@@ -328,8 +330,10 @@ class _LeastDistanceForm:
             return None
         shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in (problem.H, problem.A, problem.C))
         first = (lambda t: t[:1]) if shared else (lambda t: t)  # noqa: E731
-        H, A, C = (first(t).detach().to(**f64) for t in (problem.H, problem.A, problem.C))
-        g, b, l, u = (t.detach().to(**f64) for t in (problem.g, problem.b, problem.l, problem.u))
+        # (The problem's tensors are detached already; a no-op Tensor.to costs at batch 1.)
+        cpu64 = lambda t: t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(**f64)  # noqa: E731
+        H, A, C = (cpu64(first(t)) for t in (problem.H, problem.A, problem.C))
+        g, b, l, u = (cpu64(t) for t in (problem.g, problem.b, problem.l, problem.u))
 
         L, info = torch.linalg.cholesky_ex(H)
         usable = (info == 0) & _pivots_fine(L, H)

@@ -69,7 +69,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.linalg import cholesky_solve_rows, inf_norm, magnitudes, vm
+from alqp.linalg import as_dtype, cholesky_solve_rows, inf_norm, magnitudes, vm
 from alqp.activity import activity_tol, row_tolerance, shifted_rows
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
@@ -544,15 +544,15 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     """
     out_dtype = problem.H.dtype
     tol = active_tol if active_tol is not None else activity_tol(out_dtype, settings)
-    P = QPProblem(**{k: t.to(WORK_DTYPE) for k, t in problem.tensors().items()},
+    P = QPProblem(**{k: as_dtype(t, WORK_DTYPE) for k, t in problem.tensors().items()},
                   batched=problem.batched, unbatched=problem.unbatched)
     B, n, p, m = P.batch_size, P.n, P.p, P.m
-    x, y, z, s_eq, s_in = (t.to(WORK_DTYPE) for t in (solution.x, solution.y, solution.z,
+    x, y, z, s_eq, s_in = (as_dtype(t, WORK_DTYPE) for t in (solution.x, solution.y, solution.z,
                                                      solution.s_eq, solution.s_in))
     status = solution.status
 
     def grad_or_zero(gr, k):
-        return P.H.new_zeros(B, k) if gr is None else gr.to(WORK_DTYPE).expand(B, k)
+        return P.H.new_zeros(B, k) if gr is None else as_dtype(gr, WORK_DTYPE).expand(B, k)
 
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
@@ -650,4 +650,4 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     }
     if not bool(ok.all()):
         grads = {k: fin(v) for k, v in grads.items()}
-    return {k: v.to(out_dtype) for k, v in grads.items()}
+    return {k: as_dtype(v, out_dtype) for k, v in grads.items()}

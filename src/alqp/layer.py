@@ -134,7 +134,7 @@ class QPFunction(torch.autograd.Function):
                 continue
             shape, dtype, device = meta
             grad = _reduce_to(grads[name], shape, _CORE_NDIM[name])
-            out.append(grad.to(dtype=dtype, device=device))
+            out.append(grad if grad.dtype == dtype and grad.device == device else grad.to(dtype=dtype, device=device))
         return (None, None, None, *out)
 
 

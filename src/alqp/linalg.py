@@ -5,6 +5,12 @@ import torch
 from torch import Tensor
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``; t itself when it already is (without the cost of a no-op ``Tensor.to`` call,
+    which adds up over the hundreds of small tensors of a batch-1 call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def inf_norm(v: Tensor) -> Tensor:
     """(B,k) -> (B,): the infinity norm of each row; 0 when k == 0 (amax rejects empty dims)."""
     if v.shape[-1] == 0:
