@@ -86,9 +86,10 @@ class ActiveSet(NamedTuple):
         active: float 0/1, the row is in J (on a bound of the shifted set, or z_i != 0).
         violated: float 0/1, the row is shifted (s_in,i != 0; closest-feasible problems only).
         violated_eq: (B,p) float 0/1, the equality row is shifted (s_eq,i != 0).
-        upper, lower: float weights in [0,1] (upper + lower = active): which bound the row sits on,
-            hence whether dL/du_i or dL/dl_i receives w3_i. A row with l_i = u_i and z_i = 0 gets
-            half of each (the mean of the two one-sided derivatives).
+        upper, lower: float weights in [0,1] (upper + lower = active, except that an infinite
+            bound has weight 0): which bound the row sits on, hence whether dL/du_i or dL/dl_i
+            receives w3_i. A row with l_i = u_i and z_i = 0 gets half of each (the mean of the two
+            one-sided derivatives).
         feasible: (B,) bool, status SOLVED.  shifted: (B,) bool, status CLOSEST_FEASIBLE.
     """
 
@@ -119,37 +120,40 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
         :class:`ActiveSet`.
     """
     C, l, u = problem.C, problem.l, problem.u
+    dtype = x.dtype
     fin_l, fin_u = torch.isfinite(l), torch.isfinite(u)
-    zero = torch.zeros_like(l)
     absC = C.abs()
     ptol = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
-    r = vm(x, C.transpose(-1, -2)) - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
-    on_u = fin_u & ((r - torch.where(fin_u, u, zero)).abs() <= ptol)
-    on_l = fin_l & ((r - torch.where(fin_l, l, zero)).abs() <= ptol)
-
     feasible = status == int(Status.SOLVED)
     shifted = status == int(Status.CLOSEST_FEASIBLE)
-    dual_scale = 1.0 + torch.stack([
-        inf_norm(vm(x, problem.H)), inf_norm(problem.g), inf_norm(vm(y, problem.A)), inf_norm(vm(z, C)),
-    ]).amax(0)
-    row_norm = absC.amax(-1) if C.shape[-1] > 0 else zero
-    tiny = torch.finfo(x.dtype).tiny
-    z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(tiny)
-    z_up, z_lo = z > z_tol, z < -z_tol
-    violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
-    ok = (feasible | shifted).unsqueeze(-1)
-    active = ok & (violated | z_up | z_lo | on_u | on_l)
+    any_shifted = bool(shifted.any())
+    r = vm(x, C.transpose(-1, -2))
+    if any_shifted:
+        r = r - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
+    # (At an infinite bound |r - bound| is inf: never within the tolerance.)
+    on_u = (r - u).abs() <= ptol
+    on_l = (r - l).abs() <= ptol
 
-    one, half = torch.ones_like(l), torch.full_like(l, 0.5)
+    dual_scale = 1.0 + torch.cat([vm(x, problem.H), problem.g, vm(y, problem.A), vm(z, C)], -1).abs().amax(-1)
+    row_norm = absC.amax(-1) if C.shape[-1] > 0 else torch.zeros_like(l)
+    z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(torch.finfo(dtype).tiny)
+    z_up, z_lo = z > z_tol, z < -z_tol
+    if any_shifted:
+        violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
+    else:
+        violated_eq, violated = torch.zeros_like(s_eq, dtype=torch.bool), torch.zeros_like(s_in, dtype=torch.bool)
+    active = (feasible | shifted).unsqueeze(-1) & (violated | z_up | z_lo | on_u | on_l)
+
     # Which bound a row sits on: the sign of the shift for violated rows, else the sign of z, else
-    # the bound it touches (half each when it touches both, l_i = u_i).
-    upper = torch.where(
-        violated, (s_in > 0).to(l.dtype),
-        torch.where(z_up, one, torch.where(z_lo, zero,
-                    torch.where(on_u & on_l, half, on_u.to(l.dtype)))))
-    upper = torch.where(active, upper, zero)
-    lower = torch.where(active, one - upper, zero)
-    return ActiveSet(active.to(l.dtype), violated.to(l.dtype), violated_eq.to(l.dtype), upper, lower, feasible, shifted)
+    # the bound it touches (half each when it touches both, l_i = u_i). A bound that is infinite
+    # gets no weight (and so no gradient).
+    upper = torch.where(z_up, 1.0, torch.where(z_lo, 0.0, torch.where(on_u & on_l, 0.5, on_u.to(dtype))))
+    if any_shifted:
+        upper = torch.where(violated, (s_in > 0).to(dtype), upper)
+    active = active.to(dtype)
+    upper = upper * active
+    lower = (active - upper) * fin_l
+    return ActiveSet(active, violated.to(dtype), violated_eq.to(dtype), upper * fin_u, lower, feasible, shifted)
 
 
 def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]:
@@ -303,7 +307,8 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
         h = torch.linalg.solve_triangular(L.mT, q1.unsqueeze(-2), upper=True, left=False).squeeze(-2)
         e = vm(h, Mt) - q23  # [e_A; e_C] = M h - r
         e_A, e_C = e[:, :p], e[:, p:] * a
-        v3 = cholesky_solve_rows(T_f, (e_C - vm(e_A, K)) * a) * a if m else e_C
+        # (T is the identity on the inactive rows and uncoupled from them: v3 is exactly 0 there.)
+        v3 = cholesky_solve_rows(T_f, e_C - vm(e_A, K) * a) if m else e_C
         v2 = (cholesky_solve_rows(S_f, e_A) - vm(v3, K.mT)) if p else e_A
         v23 = torch.cat([v2, v3], -1)
         v1 = torch.linalg.solve_triangular(L, (h - vm(v23, Mt.mT)).unsqueeze(-2), upper=False, left=False)
@@ -324,9 +329,10 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
             break
         d1, d23 = solve(res1, res23)
         w1, w23 = w1 + d1, w23 + d23
-    keep = solved.unsqueeze(-1)
-    w1 = torch.where(keep, w1, torch.zeros_like(w1))
-    w23 = torch.where(keep, w23, torch.zeros_like(w23))
+    if not bool(solved.all()):
+        keep = solved.unsqueeze(-1)
+        w1 = torch.where(keep, w1, torch.zeros_like(w1))
+        w23 = torch.where(keep, w23, torch.zeros_like(w23))
     return w1, w23[:, :p], w23[:, p:], solved
 
 
@@ -565,12 +571,10 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         x, y, z, s_eq, s_in = map(fin, (x, y, z, s_eq, s_in))
         gx, gy, gz, gse, gsi = map(fin, (gx, gy, gz, gse, gsi))
 
-    w1 = P.H.new_zeros(B, n)
-    w2 = P.H.new_zeros(B, p)
-    w3 = P.H.new_zeros(B, m)
-    w5 = P.H.new_zeros(B, n)
-    w6 = P.H.new_zeros(B, p + m)
-    c = P.H.new_zeros(B, n)
+    if not bool(act.feasible.all()):  # (else the feasible group fills w1, w2, w3 as views)
+        w1, w2, w3 = P.H.new_zeros(B, n), P.H.new_zeros(B, p), P.H.new_zeros(B, m)
+    if bool(act.shifted.any()):
+        w5, w6, c = P.H.new_zeros(B, n), P.H.new_zeros(B, p + m), P.H.new_zeros(B, n)
     # Feasible problems need only the symmetric KKT block; closest-feasible ones the full system.
     for group, full in ((act.feasible, False), (act.shifted, True)):
         idx = group.nonzero().squeeze(-1)
@@ -645,8 +649,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         "A": outer_sum(A_left, A_right).neg_(),
         "b": w2,
         "C": outer_sum(C_left, C_right).neg_(),
-        "l": torch.where(torch.isfinite(P.l), act.lower * w3, torch.zeros_like(w3)),
-        "u": torch.where(torch.isfinite(P.u), act.upper * w3, torch.zeros_like(w3)),
+        "l": act.lower * w3,  # (0 at infinite bounds: classify_rows gives them no weight)
+        "u": act.upper * w3,
     }
     if not bool(ok.all()):
         grads = {k: fin(v) for k, v in grads.items()}
