@@ -81,7 +81,13 @@ def _host(t: Tensor) -> np.ndarray:
         t = t[:1]
     if t.device.type != "cpu" or t.dtype != torch.float64:
         t = t.to(device="cpu", dtype=torch.float64)
-    return np.ascontiguousarray(t.detach().numpy())
+    return np.ascontiguousarray((t.detach() if t.requires_grad else t).numpy())
+
+
+def _device_tensor(a: np.ndarray, dtype: torch.dtype, device) -> Tensor:
+    """A host array as a tensor of ``dtype`` on ``device``, without a copy where it already is."""
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype and t.device == device else t.to(dtype=dtype, device=device)
 
 
 def _rows(blocks: list, batch: int) -> np.ndarray:
@@ -235,8 +241,8 @@ def solve_active_set(problem: QPProblem,
     certified = certified | shifted
 
     out = dict(dtype=dtype, device=device)
-    x_t = torch.from_numpy(x_out).to(**out)
-    w_t = torch.from_numpy(w_out).to(**out)
+    x_t = _device_tensor(x_out, dtype, device)
+    w_t = _device_tensor(w_out, dtype, device)
     shift = torch.zeros(B, k, **out)
     if shifted.any():
         # The shift on the rows it really moves and alqp's choice among the shifted rows'
@@ -248,9 +254,9 @@ def solve_active_set(problem: QPProblem,
             torch.from_numpy(shift_out).to(**out).index_select(0, idx), tol, polish=False)
     solution = QPSolution(
         x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
-        status=torch.from_numpy(status).to(device), iterations=torch.from_numpy(iters).to(device),
+        status=_device_tensor(status, torch.int64, device), iterations=_device_tensor(iters, torch.int64, device),
     )
-    return solution, torch.from_numpy(certified).to(device), None if ldp is None else ldp.factor
+    return solution, _device_tensor(certified, torch.bool, device), None if ldp is None else ldp.factor
 
 
 def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:

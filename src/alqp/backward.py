@@ -296,7 +296,8 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     if m:
         row2 = torch.where(a > 0, factor.M_C_norm2, torch.ones_like(a))
         ok &= (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1)
-    if not bool(ok.all()):
+    ok_all = bool(ok.all())
+    if not ok_all:
         T_f = torch.where(ok[:, None, None], T_f, torch.eye(m, dtype=T.dtype, device=T.device))
     G = torch.cat([A, C], -2)
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
@@ -325,7 +326,7 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
         w_size = inf_norm(torch.cat([w1, w23], -1))
         tol = 1e-11 * (n + p + m) * (factor.scale * w_size + size)
         solved = ok & (inf_norm(torch.cat([res1, res23], -1)) <= tol) & torch.isfinite(w_size)
-        if bool((solved | ~ok).all()) or step == max_refine:
+        if step == max_refine or bool(solved.all()) or (not ok_all and bool((solved | ~ok).all())):
             break
         d1, d23 = solve(res1, res23)
         w1, w23 = w1 + d1, w23 + d23

@@ -106,13 +106,15 @@ class QPFunction(torch.autograd.Function):
         solution, factor = solve_problem_factored(problem, settings, warm_start)
         if engine is not _ift_engine:
             factor = None  # only the implicit backward reuses it: do not keep it alive
-        ctx.settings, ctx.engine, ctx.factor_type = settings, engine, None if factor is None else type(factor)
+        # The factorization is the engine's own (never handed to the caller, so no cycle through
+        # the outputs and nothing to modify in place): a plain attribute, not a saved tensor.
+        ctx.settings, ctx.engine, ctx.factor = settings, engine, factor
         ctx.batched, ctx.unbatched = problem.batched, problem.unbatched
         ctx.inputs_meta = [None if t is None else (t.shape, t.dtype, t.device) for t in (H, g, A, b, C, l, u)]
         # Through save_for_backward (not ctx attributes): no reference cycle through the outputs, and
         # autograd detects an in-place change of an input or output before the backward uses it
         # (the problem's tensors are detached views of the inputs).
-        ctx.save_for_backward(*problem.tensors().values(), *solution, *(factor or ()))
+        ctx.save_for_backward(*problem.tensors().values(), *solution)
         ctx.mark_non_differentiable(solution.status, solution.iterations)
         return tuple(solution)
 
@@ -123,9 +125,8 @@ class QPFunction(torch.autograd.Function):
             return (None,) * 10
         saved = ctx.saved_tensors
         problem = QPProblem(**dict(zip(ARG_NAMES, saved[:7])), batched=ctx.batched, unbatched=ctx.unbatched)
-        solution = QPSolution(*saved[7:14])
-        factor = None if ctx.factor_type is None else ctx.factor_type(*saved[14:])
-        grads = ctx.engine(problem, solution, gx, gy, gz, gse, gsi, ctx.settings, factor=factor)
+        solution = QPSolution(*saved[7:])
+        grads = ctx.engine(problem, solution, gx, gy, gz, gse, gsi, ctx.settings, factor=ctx.factor)
         out = []
         for i, name in enumerate(ARG_NAMES):
             meta = ctx.inputs_meta[i]

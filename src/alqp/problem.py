@@ -80,6 +80,12 @@ def _check_tensor(name: str, t, core_ndim: int) -> None:
         )
 
 
+def _detached(t: Tensor) -> Tensor:
+    """t without autograd history (t itself when it has none: a detach per tensor adds up at
+    batch 1)."""
+    return t.detach() if t.requires_grad else t
+
+
 def _all_finite(t: Tensor) -> bool:
     """Whether t holds no NaN or Inf. A sum carries any of them through in one pass with no
     temporary; only a sum that overflows needs the exact elementwise test."""
@@ -153,7 +159,7 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
     data = [(name, present[name]) for name in ("H", "g", "A", "b", "C") if name in present]
     # One sum per tensor and a single check (a NaN or Inf anywhere makes the total non-finite);
     # only when it fails are the tensors checked one by one, to name the culprit.
-    if not bool(torch.isfinite(torch.stack([t.detach().sum() for _, t in data]).sum())):
+    if not bool(torch.isfinite(torch.stack([_detached(t).sum() for _, t in data]).sum())):
         for name, t in data:
             if not _all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf")
@@ -170,10 +176,11 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
 
     # Symmetrized before the batch is expanded, so a shared H stays one matrix. (H + H') is
     # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.
-    H2 = H.detach() + H.detach().transpose(-1, -2)
+    H = _detached(H)
+    H2 = H + H.transpose(-1, -2)
     if check_symmetry:
-        asym = max_abs(torch.sub(H2, H.detach(), alpha=2.0))
-        scale = max_abs(H.detach()).clamp_min(1.0)
+        asym = max_abs(torch.sub(H2, H, alpha=2.0))
+        scale = max_abs(H).clamp_min(1.0)
         tol = torch.finfo(dtype).eps ** 0.5
         if asym > tol * scale:
             raise ValueError(f"H is not symmetric: max |H - H'| = {float(asym):.3g}")
@@ -182,7 +189,7 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
     def batch(t: Tensor | None, core_shape: tuple, fill: float = 0.0) -> Tensor:
         if t is None:
             t = torch.full(core_shape, fill, dtype=dtype, device=device)
-        t = t.detach()
+        t = _detached(t)
         if t.dim() == len(core_shape):
             t = t.unsqueeze(0)
         return t.expand(B, *core_shape)
