@@ -564,6 +564,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
 
+    if factor is not None and factor.L.device != P.H.device:
+        factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
     act = classify_rows(P, x, y, z, s_eq, s_in, status, tol)
     ok = act.feasible | act.shifted
     # Keep non-finite values of problems that get no gradient out of the arithmetic.
