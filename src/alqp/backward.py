@@ -61,6 +61,12 @@ and the parameter gradients, read off J_theta:
     dL/dA = -(y w1' + w2 x' + s_eq w5' - w6_eq c')     dL/db = w2
     dL/dC = -(z w1' + w3_J x' + s_in w5' - w6_in c')   dL/du_i = w3_i (row on its upper bound),
                                                        dL/dl_i = w3_i (row on its lower bound).
+
+How the systems are solved: a SOLVED problem whose forward factorization is at hand (the active-set
+engine's :class:`alqp.active_set.LeastDistanceFactor`) gets :func:`kkt_solve_factored`, one
+|J| x |J| factorization on top of the forward's; otherwise :func:`kkt_solve_direct`; a system
+that neither solves (singular: LPs, degenerate or dependent active rows) and every closest-feasible
+one get :func:`lstsq_min_norm`.
 """
 from __future__ import annotations
 
