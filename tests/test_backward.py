@@ -743,7 +743,7 @@ def test_dependent_inconsistent_rows_float32_gradients(name):
 def _factored_setup(seed: int, B=5, n=9, p=3, m=7, shared=False):
     """Random strictly convex data, the forward's LeastDistanceFactor of it, an active set and
     right-hand sides."""
-    from alqp.active_set import _LeastDistanceForm
+    from alqp.active_set import factorize
 
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -753,7 +753,7 @@ def _factored_setup(seed: int, B=5, n=9, p=3, m=7, shared=False):
     A, C = rnd(*lead, p, n), rnd(*lead, m, n)
     P = canonicalize(H, rnd(B, n), A, rnd(B, p), C, -torch.ones(B, m, dtype=torch.float64),
                      torch.ones(B, m, dtype=torch.float64))
-    factor = _LeastDistanceForm.build(P, [False] * B).factor
+    factor = factorize(P)
     active = (torch.rand(B, m, generator=gen, dtype=torch.float64) < 0.5).to(torch.float64)
     return P, factor, active, rnd(B, n), rnd(B, p), rnd(B, m)
 
@@ -781,13 +781,13 @@ def test_kkt_solve_factored_reports_dependent_active_rows():
     system singular: that problem is reported unsolved (the caller then takes the least-squares
     route), the others are solved."""
     from alqp.backward import kkt_solve_factored
-    from alqp.active_set import _LeastDistanceForm
+    from alqp.active_set import factorize
 
     P, _, active, r1, r2, r3 = _factored_setup(8)
     C = P.C.clone()
     C[0, 1] = 2.0 * P.A[0, 0] - C[0, 0]
     active[0, :2] = 1.0
     P = canonicalize(P.H, P.g, P.A, P.b, C, P.l, P.u)
-    factor = _LeastDistanceForm.build(P, [False] * 5).factor
+    factor = factorize(P)
     *_, solved = kkt_solve_factored(factor, P.H, P.A, P.C, active, r1, r2, r3)
     assert solved.tolist() == [False, True, True, True, True]

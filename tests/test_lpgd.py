@@ -328,13 +328,13 @@ def test_loss_on_shift_of_a_feasible_problem_contributes_nothing():
 def test_one_batched_warm_started_resolve(monkeypatch, variant, copies):
     P, sol = _solve(feasible_qp(3, 4, 1, 3, 1, 1, seed=15))
     calls = []
-    real = lpgd_mod.solve_problem
+    real = lpgd_mod.solve_problem_factored
 
-    def spy(problem, settings, warm_start=None):
+    def spy(problem, settings, warm_start=None, factor=None):
         calls.append((problem, settings, warm_start))
-        return real(problem, settings, warm_start)
+        return real(problem, settings, warm_start, factor=factor)
 
-    monkeypatch.setattr(lpgd_mod, "solve_problem", spy)
+    monkeypatch.setattr(lpgd_mod, "solve_problem_factored", spy)
     incoming = _incoming(P, ("x",), seed=16)
     incoming[0][1] = 0.0  # problem 1 has no incoming gradient: it is not re-solved
     lpgd_backward(P, sol, *incoming, settings=SETTINGS, tau=0.01, variant=variant)
@@ -379,10 +379,10 @@ def test_resolve_that_accepts_the_forward_solution_warns(monkeypatch):
     forward's solution (the float32 solver does this for tau ~ 1e-2): a warning, zero gradient.
     The same for an incoming gradient at round-off level is expected and stays silent."""
     P, sol = _solve(feasible_qp(2, 3, 1, 2, 1, 0, seed=24))
-    def accept(problem, settings, warm_start=None):
-        return sol._replace(iterations=torch.zeros(2, dtype=torch.int64))
+    def accept(problem, settings, warm_start=None, factor=None):
+        return sol._replace(iterations=torch.zeros(2, dtype=torch.int64)), factor
 
-    monkeypatch.setattr(lpgd_mod, "solve_problem", accept)
+    monkeypatch.setattr(lpgd_mod, "solve_problem_factored", accept)
     gx = torch.tensor([[1.0, 0.0, 0.0], [1e-12, 0.0, 0.0]], dtype=DT)
     with pytest.warns(RuntimeWarning, match="for 1 problem.*within the solver's tolerance"):
         grads = lpgd_backward(P, sol, gx, settings=SETTINGS, tau=0.1, variant="right")
@@ -467,3 +467,24 @@ def test_cuda_matches_cpu():
     for k in NAMES:
         assert out["cuda"][k].device.type == "cuda"
         assert torch.allclose(out["cuda"][k].cpu(), out["cpu"][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("variant", ["right", "central"])
+def test_resolve_reuses_the_forward_factorization(monkeypatch, variant):
+    """Given the forward's LeastDistanceFactor, the re-solve of the perturbed QPs (same H, A, C)
+    does not factor them again, and the gradients are those computed without it."""
+    import alqp.active_set as active_set
+
+    P, sol = _solve(feasible_qp(3, 4, 1, 3, 1, 1, seed=15))
+    factor = active_set.factorize(P)
+    assert factor is not None and bool(factor.usable.all())
+    incoming = _incoming(P, ("x", "z"), seed=16)
+    plain = lpgd_backward(P, sol, *incoming, settings=SETTINGS, tau=0.01, variant=variant)
+
+    def no_factorize(problem):
+        raise AssertionError("the re-solve factored H, A, C again")
+
+    monkeypatch.setattr(active_set, "factorize", no_factorize)
+    reused = lpgd_backward(P, sol, *incoming, settings=SETTINGS, tau=0.01, variant=variant, factor=factor)
+    for name in plain:
+        torch.testing.assert_close(reused[name], plain[name], rtol=1e-9, atol=1e-11)

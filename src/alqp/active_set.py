@@ -98,14 +98,16 @@ def _rows(blocks: list, batch: int) -> np.ndarray:
     return np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1)
 
 
-def solve_active_set(problem: QPProblem,
-                     settings: Settings) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
+def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"] = None
+                     ) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
 
     Args:
         problem: :class:`alqp.problem.QPProblem` (every tensor with its batch dimension).
         settings: :class:`Settings`; ``eps_abs`` and ``eps_rel`` set the certification tolerance
             (never below ``100 * finfo(dtype).eps`` of the input's dtype, as in the ALM solver).
+        factor: the batch's :class:`LeastDistanceFactor` when it is known already (it depends on
+            H, A and C only); None: computed here.
 
     Returns:
         The :class:`alqp.solver.QPSolution` in the input's dtype and device, and a (B,) bool tensor
@@ -170,7 +172,7 @@ def solve_active_set(problem: QPProblem,
     if n > 0:
         # Strictly convex problems first, as least-distance problems (_LeastDistanceForm): DAQP
         # then skips its own factorizations, the most of its time on dense problems.
-        ldp = _LeastDistanceForm.build(problem, H_zero)
+        ldp = _LeastDistanceForm.build(problem, H_zero, factor)
         if ldp is not None:
             idx = np.flatnonzero(ldp.usable)
             x_l, w_l, flags_l, iters_l = ldp.solve(solve, idx, options)
@@ -293,6 +295,16 @@ class LeastDistanceFactor(NamedTuple):
     M_C_norm2: Tensor
     scale: Tensor
 
+    def select(self, index: Tensor, copies: int = 1) -> "LeastDistanceFactor":
+        """The factor of problems ``index`` (B',) of the batch, the selection repeated ``copies``
+        times along the batch (tensors shared by the batch, of batch size 1, stay shared)."""
+        def pick(t: Tensor) -> Tensor:
+            if t.shape[0] == 1 and self.usable.shape[0] != 1:
+                return t
+            chosen = t.index_select(0, index.to(t.device))
+            return chosen if copies == 1 else torch.cat([chosen] * copies)
+        return LeastDistanceFactor(*(pick(t) for t in self))
+
 
 class _LeastDistanceForm:
     """Strictly convex problems of a batch as least-distance problems, the form DAQP works in.
@@ -327,51 +339,25 @@ class _LeastDistanceForm:
         self.R = factor.R.numpy()  # a view: R is C-contiguous
 
     @classmethod
-    def build(cls, problem: QPProblem, H_zero: list) -> "_LeastDistanceForm | None":
+    def build(cls, problem: QPProblem, H_zero: list,
+              factor: Optional["LeastDistanceFactor"] = None) -> "_LeastDistanceForm | None":
         """The LDP of every problem of ``problem`` (canonical batch), or None when none qualifies.
-        H, A and C shared by the whole batch (batch stride 0) are transformed once."""
+        ``factor``: the problems' :class:`LeastDistanceFactor` when it is known already (the same H,
+        A and C, e.g. the LPGD backward's re-solve), else it is computed (:func:`factorize`)."""
+        if factor is None:
+            factor = None if all(H_zero) else factorize(problem)
+        if factor is None:
+            return None
         f64 = dict(dtype=torch.float64, device="cpu")
-        B, n, p = problem.batch_size, problem.n, problem.p
-        if all(H_zero):
-            return None
-        shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in (problem.H, problem.A, problem.C))
-        first = (lambda t: t[:1]) if shared else (lambda t: t)  # noqa: E731
-        # (The problem's tensors are detached already; a no-op Tensor.to costs at batch 1.)
+        p = problem.p
         cpu64 = lambda t: t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(**f64)  # noqa: E731
-        H, A, C = (cpu64(first(t)) for t in (problem.H, problem.A, problem.C))
         g, b, l, u = (cpu64(t) for t in (problem.g, problem.b, problem.l, problem.u))
-
-        L, info = torch.linalg.cholesky_ex(H)
-        usable = (info == 0) & _pivots_fine(L, H)
-        if not bool(usable.any()):
-            return None
-        if not bool(usable.all()):
-            L = torch.where(usable[:, None, None], L, torch.eye(n, **f64))
-        # M' = L^-1 G' for both blocks at once, h = L^-1 g.
-        G = torch.cat([A, C], -2)
-        Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)
+        L, Mt = factor.L, factor.Mt
         M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
         h = torch.linalg.solve_triangular(L, g.unsqueeze(-1), upper=False).squeeze(-1)
         b_t = b + vm(h, M_A.mT)
-        if p:
-            S = torch.matmul(M_A, M_A.mT)
-            S_factor, info_s = torch.linalg.cholesky_ex(S)
-            usable &= (info_s == 0) & _pivots_fine(S_factor, S)
-            if not bool(usable.all()):
-                S_factor = torch.where(usable[:, None, None], S_factor, torch.eye(p, **f64))
-            v_A = vm(cholesky_solve_rows(S_factor, b_t), M_A)
-            # K = S^-1 M_A M_C' (p, m), by two triangular solves (torch.cholesky_solve copies the factor).
-            K = torch.linalg.solve_triangular(S_factor, torch.matmul(M_A, M_C.mT), upper=False)
-            K = torch.linalg.solve_triangular(S_factor.mT, K, upper=True)
-            R = M_C - torch.matmul(K.mT, M_A)  # M_C P
-        else:
-            S_factor, K, v_A, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), torch.zeros_like(h), M_C
+        v_A = vm(cholesky_solve_rows(factor.S_factor, b_t), M_A) if p else torch.zeros_like(h)
         c0 = vm(v_A - h, M_C.mT)
-        # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-        scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
-                                            np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
-        factor = LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K,
-                                     R.contiguous(), M_C.square().sum(-1), scale)
         return cls(factor, h, v_A, b_t, (l - c0).numpy(), (u - c0).numpy())
 
     def solve(self, solve, idx: np.ndarray, options: dict):
@@ -408,6 +394,46 @@ class _LeastDistanceForm:
         else:
             y = z_t.new_zeros(idx.size, 0)
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
+
+
+def factorize(problem: QPProblem) -> Optional[LeastDistanceFactor]:
+    """The :class:`LeastDistanceFactor` of a canonical batch (a function of H, A and C only), or
+    None when no problem qualifies for the least-distance form. H, A and C shared by the whole
+    batch (batch stride 0) are factored once."""
+    f64 = dict(dtype=torch.float64, device="cpu")
+    B, n, p = problem.batch_size, problem.n, problem.p
+    shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in (problem.H, problem.A, problem.C))
+    first = (lambda t: t[:1]) if shared else (lambda t: t)  # noqa: E731
+    # (The problem's tensors are detached already; a no-op Tensor.to costs at batch 1.)
+    cpu64 = lambda t: t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(**f64)  # noqa: E731
+    H, A, C = (cpu64(first(t)) for t in (problem.H, problem.A, problem.C))
+
+    L, info = torch.linalg.cholesky_ex(H)
+    usable = (info == 0) & _pivots_fine(L, H)
+    if not bool(usable.any()):
+        return None
+    if not bool(usable.all()):
+        L = torch.where(usable[:, None, None], L, torch.eye(n, **f64))
+    G = torch.cat([A, C], -2)
+    Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)  # L^-1 [A; C]'
+    M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
+    if p:
+        S = torch.matmul(M_A, M_A.mT)
+        S_factor, info_s = torch.linalg.cholesky_ex(S)
+        usable &= (info_s == 0) & _pivots_fine(S_factor, S)
+        if not bool(usable.all()):
+            S_factor = torch.where(usable[:, None, None], S_factor, torch.eye(p, **f64))
+        # K = S^-1 M_A M_C' (p, m), by two triangular solves (torch.cholesky_solve copies the factor).
+        K = torch.linalg.solve_triangular(S_factor, torch.matmul(M_A, M_C.mT), upper=False)
+        K = torch.linalg.solve_triangular(S_factor.mT, K, upper=True)
+        R = M_C - torch.matmul(K.mT, M_A)  # M_C P
+    else:
+        S_factor, K, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), M_C
+    # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
+    scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
+                                        np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
+    return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K,
+                               R.contiguous(), M_C.square().sum(-1), scale)
 
 
 def _pivots_fine(F: Tensor, K: Tensor) -> Tensor:

@@ -49,8 +49,7 @@ def _ift_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None):
 
 
 def _lpgd_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None, **options):
-    # (LPGD re-solves the perturbed problem: the forward's factorization is of no use to it.)
-    return _load_lpgd().lpgd_backward(problem, solution, gx, gy, gz, gse, gsi, settings, **options)
+    return _load_lpgd().lpgd_backward(problem, solution, gx, gy, gz, gse, gsi, settings, factor=factor, **options)
 
 
 def _load_lpgd():
@@ -104,8 +103,6 @@ class QPFunction(torch.autograd.Function):
     def forward(ctx, settings: Settings, warm_start, engine: Callable, H, g, A, b, C, l, u):
         problem = canonicalize(H, g, A, b, C, l, u)
         solution, factor = solve_problem_factored(problem, settings, warm_start)
-        if engine is not _ift_engine:
-            factor = None  # only the implicit backward reuses it: do not keep it alive
         # The factorization is the engine's own (never handed to the caller, so no cycle through
         # the outputs and nothing to modify in place): a plain attribute, not a saved tensor.
         ctx.settings, ctx.engine, ctx.factor = settings, engine, factor

@@ -34,7 +34,7 @@ with the linear data
 
 (z'(C x) + tau dL/dz'z = [z]+'(C x) + [z]-'(C x) shifted: both bounds move by -tau dL/dz). Its
 solution v_tau = (x_tau, y_tau, z_tau) comes from one batched call of the forward solver
-(:func:`alqp.solver.solve_problem`) on the same device and dtype with the forward's settings (so an
+(:func:`alqp.solver.solve_problem_factored`) on the same device and dtype with the forward's settings (so an
 infeasible perturbed QP is solved to its closest feasible QP, like the forward), warm started from
 the forward's (x*, y*, z*); closest-feasible problems from x* only (their reported multipliers have
 the unbounded component along the shift removed, and restarting the ALM from them was measured ~7x
@@ -117,7 +117,7 @@ from alqp.activity import activity_tol, shifted_rows
 from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
-from alqp.solver import QPSolution, solve_problem
+from alqp.solver import QPSolution, solve_problem_factored
 
 #: Variants of the finite difference (see the module docstring).
 VARIANTS = ("right", "left", "central")
@@ -258,6 +258,8 @@ def _align_multipliers(lam: Tensor, lam0: Tensor, G: Tensor, rows: Tensor) -> Te
         lam, lam0: (B,p+m), the re-solve's and the forward's (y, z).
         G: (B,p+m,n) the rows [A; C].  rows: (B,p+m) bool, the forward's shifted rows.
     """
+    if not bool(rows.any()):  # (no shifted row in the batch: nothing to remove)
+        return lam
     d = lam - lam0
     return lam0 + d - project_out_row_range(G, rows, d)
 
@@ -277,7 +279,7 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
                   grad_y: Optional[Tensor] = None, grad_z: Optional[Tensor] = None,
                   grad_s_eq: Optional[Tensor] = None, grad_s_in: Optional[Tensor] = None,
                   settings: Optional[Settings] = None, tau: Optional[float] = None,
-                  variant: Optional[str] = None, proximal: Optional[float] = None) -> dict:
+                  variant: Optional[str] = None, proximal: Optional[float] = None, factor=None) -> dict:
     """Gradients of a loss with respect to the QP data, by LPGD (see the module docstring).
 
     Args:
@@ -288,6 +290,9 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
             None means zero.
         settings: the forward's :class:`Settings`, reused for the re-solve (defaults when None).
         tau, variant, proximal: see :class:`LPGDOptions`; None takes the default.
+        factor: the forward's :class:`alqp.active_set.LeastDistanceFactor` of ``problem``, or None.
+            The re-solved QPs keep H, A and C (without the proximal term), so their least-distance
+            form reuses it instead of factoring them again.
 
     Returns:
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above, in
@@ -339,7 +344,10 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         feas = (status[idx] == int(Status.SOLVED)).unsqueeze(-1)
         y_ws, z_ws = torch.where(feas, y0, torch.zeros_like(y0)), torch.where(feas, z0, torch.zeros_like(z0))
         warm = (x0.repeat(k, 1), y_ws.repeat(k, 1), z_ws.repeat(k, 1))
-        re = solve_problem(batch, settings, warm)
+        # The perturbation leaves H, A and C alone (unless proximal): the forward's factorization
+        # of the selected problems, once per step, serves the re-solve.
+        re_factor = factor.select(idx, copies=k) if factor is not None and float(opts.proximal) == 0 else None
+        re = solve_problem_factored(batch, settings, warm, factor=re_factor)[0]
         re_ok = (re.status == int(Status.SOLVED)) | (re.status == int(Status.CLOSEST_FEASIBLE))
         re_ok = re_ok.view(k, -1).all(0)
         if not bool(re_ok.all()):

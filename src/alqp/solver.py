@@ -148,17 +148,19 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
     return solve_problem_factored(problem, settings, warm_start)[0]
 
 
-def solve_problem_factored(problem: QPProblem, settings: Settings,
-                           warm_start=None) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
+def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=None,
+                           factor: Optional["LeastDistanceFactor"] = None
+                           ) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
     """:func:`solve_problem`, and the factorization of the batch's strictly convex problems that
     the active-set engine computed on the way (:class:`alqp.active_set.LeastDistanceFactor`, a
     function of H, A and C only; None on the ALM engine or when no problem is strictly convex),
-    which the implicit backward reuses."""
+    which the implicit backward reuses. A ``factor`` given (of the same H, A and C: the LPGD
+    backward's re-solve) is used instead of computing it."""
     engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
     if engine == "active_set":
         from alqp.active_set import solve_active_set  # numpy and daqp only when used
         ws = _batched_warm_start(warm_start, problem)  # (validated even where it is not needed)
-        solution, certified, factor = solve_active_set(problem, settings)
+        solution, certified, factor = solve_active_set(problem, settings, factor)
         if bool(certified.all()):
             return solution, factor
         rest = (~certified).nonzero().squeeze(-1)
