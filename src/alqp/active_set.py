@@ -73,14 +73,19 @@ def _import_daqp():
     return daqp
 
 
+def _cpu64(t: Tensor) -> Tensor:
+    """t as a float64 CPU tensor, t itself when it already is (a no-op Tensor.to costs at batch 1).
+    The engine's tensors come from canonicalize, detached."""
+    return t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(device="cpu", dtype=torch.float64)
+
+
 def _host(t: Tensor) -> np.ndarray:
     """t (B, ...) as a C-contiguous float64 numpy array on the CPU; a tensor shared by the whole
     batch (an expanded view, batch stride 0) is converted once and keeps a leading dimension of 1
     (numpy broadcasts it, and the solve loop indexes it at 0)."""
     if t.shape[0] > 1 and t.stride(0) == 0:
         t = t[:1]
-    if t.device.type != "cpu" or t.dtype != torch.float64:
-        t = t.to(device="cpu", dtype=torch.float64)
+    t = _cpu64(t)
     return np.ascontiguousarray((t.detach() if t.requires_grad else t).numpy())
 
 
@@ -348,10 +353,8 @@ class _LeastDistanceForm:
             factor = None if all(H_zero) else factorize(problem)
         if factor is None:
             return None
-        f64 = dict(dtype=torch.float64, device="cpu")
         p = problem.p
-        cpu64 = lambda t: t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(**f64)  # noqa: E731
-        g, b, l, u = (cpu64(t) for t in (problem.g, problem.b, problem.l, problem.u))
+        g, b, l, u = (_cpu64(t) for t in (problem.g, problem.b, problem.l, problem.u))
         L, Mt = factor.L, factor.Mt
         M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
         h = torch.linalg.solve_triangular(L, g.unsqueeze(-1), upper=False).squeeze(-1)
@@ -404,9 +407,7 @@ def factorize(problem: QPProblem) -> Optional[LeastDistanceFactor]:
     B, n, p = problem.batch_size, problem.n, problem.p
     shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in (problem.H, problem.A, problem.C))
     first = (lambda t: t[:1]) if shared else (lambda t: t)  # noqa: E731
-    # (The problem's tensors are detached already; a no-op Tensor.to costs at batch 1.)
-    cpu64 = lambda t: t if t.device.type == "cpu" and t.dtype == torch.float64 else t.to(**f64)  # noqa: E731
-    H, A, C = (cpu64(first(t)) for t in (problem.H, problem.A, problem.C))
+    H, A, C = (_cpu64(first(t)) for t in (problem.H, problem.A, problem.C))
 
     L, info = torch.linalg.cholesky_ex(H)
     usable = (info == 0) & _pivots_fine(L, H)

@@ -53,9 +53,9 @@ def shifted_rows(A: Tensor, b: Tensor, C: Tensor, l: Tensor, u: Tensor, x: Tenso
     Returns:
         (B,p) and (B,m) bool masks of the shifted equality and inequality rows.
     """
-    on = shifted.unsqueeze(-1)
     if not bool(shifted.any()):  # (the common case: skip the two passes over |A| and |C|)
-        return on & torch.zeros_like(s_eq, dtype=torch.bool), on & torch.zeros_like(s_in, dtype=torch.bool)
+        return torch.zeros_like(s_eq, dtype=torch.bool), torch.zeros_like(s_in, dtype=torch.bool)
+    on = shifted.unsqueeze(-1)
     eq = on & (s_eq.abs() > row_tolerance(A, b, b, x, tol))
     ineq = on & (s_in.abs() > row_tolerance(C, l, u, x, tol))
     return eq, ineq

@@ -144,10 +144,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     row_norm = absC.amax(-1) if C.shape[-1] > 0 else torch.zeros_like(l)
     z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(torch.finfo(dtype).tiny)
     z_up, z_lo = z > z_tol, z < -z_tol
-    if any_shifted:
-        violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
-    else:
-        violated_eq, violated = torch.zeros_like(s_eq, dtype=torch.bool), torch.zeros_like(s_in, dtype=torch.bool)
+    violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
     active = (feasible | shifted).unsqueeze(-1) & (violated | z_up | z_lo | on_u | on_l)
 
     # Which bound a row sits on: the sign of the shift for violated rows, else the sign of z, else
@@ -603,22 +600,20 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             # forward's factorization where it has one, else by a regularized factorization), the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
             a = act_g.active
-            usable = None if factor is None else sub(factor.usable.to(a.device).expand(B))
-            if usable is not None and bool(usable.all()):  # (the common case: no index juggling)
-                w1_f, w2_f, w3_f, solved = kkt_solve_factored(
-                    factor if whole else type(factor)(*(t if t.shape[0] == 1 else sub(t) for t in factor)),
-                    P_g.H, P_g.A, P_g.C, a, sub(gx), sub(gy), sub(gz))
-                w = torch.cat([w1_f, w2_f, w3_f], -1)
-            else:
+            pick = sub(factor.usable.expand(B)).nonzero().squeeze(-1) if factor is not None else idx[:0]
+            every = pick.numel() == idx.numel()  # (the common case: no index juggling)
+            if not every:
                 w = P_g.H.new_zeros(idx.numel(), n + p + m)
                 solved = torch.zeros(idx.numel(), dtype=torch.bool, device=w.device)
-                pick = usable.nonzero().squeeze(-1) if usable is not None else idx[:0]
-                if pick.numel():
-                    f_g = type(factor)(*(t if t.shape[0] == 1 else sub(t)[pick] for t in factor))
-                    w1_f, w2_f, w3_f, solved[pick] = kkt_solve_factored(
-                        f_g, P_g.H[pick], P_g.A[pick], P_g.C[pick], a[pick], sub(gx)[pick], sub(gy)[pick],
-                        sub(gz)[pick])
-                    w[pick] = torch.cat([w1_f, w2_f, w3_f], -1)
+            if pick.numel():
+                take = (lambda t: sub(t)) if every else (lambda t: sub(t)[pick])  # noqa: E731
+                f_g = type(factor)(*(t if t.shape[0] == 1 else take(t) for t in factor))
+                w_f = kkt_solve_factored(f_g, take(P.H), take(P.A), take(P.C), take(act.active), take(gx),
+                                         take(gy), take(gz))
+                if every:
+                    w, solved = torch.cat(w_f[:3], -1), w_f[3]
+                else:
+                    w[pick], solved[pick] = torch.cat(w_f[:3], -1), w_f[3]
             rest = (~solved).nonzero().squeeze(-1)
             if rest.numel():
                 G_r = torch.cat([P_g.A[rest], a[rest].unsqueeze(-1) * P_g.C[rest]], -2)

@@ -89,6 +89,8 @@ def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int =
         The least-squares d comes from regularized normal equations whose iterative refinement
         removes the bias of the regularization in every direction with a non-negligible singular value.
     """
+    if not bool(rows.any()):  # (no row in the range anywhere: nothing to remove, no pass over G)
+        return torch.zeros_like(r)
     mask = rows.to(G.dtype)
     Gm = G * mask.unsqueeze(-1)
     rm = r * mask

@@ -258,8 +258,6 @@ def _align_multipliers(lam: Tensor, lam0: Tensor, G: Tensor, rows: Tensor) -> Te
         lam, lam0: (B,p+m), the re-solve's and the forward's (y, z).
         G: (B,p+m,n) the rows [A; C].  rows: (B,p+m) bool, the forward's shifted rows.
     """
-    if not bool(rows.any()):  # (no shifted row in the batch: nothing to remove)
-        return lam
     d = lam - lam0
     return lam0 + d - project_out_row_range(G, rows, d)
 
