@@ -70,8 +70,11 @@ one get :func:`lstsq_min_norm`.
 """
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -127,7 +130,9 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     """
     C, l, u = problem.C, problem.l, problem.u
     dtype = x.dtype
-    fin_l, fin_u = torch.isfinite(l), torch.isfinite(u)
+    # (canonicalize admits no NaN, no l = +inf and no u = -inf: one comparison per side tells a
+    # finite bound, where isfinite takes four operations.)
+    fin_l, fin_u = l > -math.inf, u < math.inf
     absC = C.abs()
     ptol = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
     feasible = status == int(Status.SOLVED)
@@ -292,16 +297,19 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     L, Mt, S_f, K, R = factor.L, factor.Mt, factor.S_factor, factor.K, factor.R
     a = active
     Ra = R * a.unsqueeze(-1)
-    T = torch.matmul(Ra, Ra.mT)
+    T = torch.bmm(Ra, Ra.mT)
     T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
     T_f, info = torch.linalg.cholesky_ex(T)
-    ok = info == 0
+    # (The factor lives on the CPU: the tests on small vectors run on numpy views, where torch's
+    # per-call cost would dominate at batch 1.)
+    ok = info.numpy() == 0
     if m:
-        row2 = torch.where(a > 0, factor.M_C_norm2, torch.ones_like(a))
-        ok &= (T_f.diagonal(dim1=-2, dim2=-1).square() >= min_pivot * row2).all(-1)
+        pivot = T_f.diagonal(dim1=-2, dim2=-1).numpy()
+        row2 = np.where(a.numpy() > 0, factor.M_C_norm2.numpy(), 1.0)
+        ok &= (pivot * pivot >= min_pivot * row2).all(-1)
     ok_all = bool(ok.all())
     if not ok_all:
-        T_f = torch.where(ok[:, None, None], T_f, torch.eye(m, dtype=T.dtype, device=T.device))
+        T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
     G = torch.cat([A, C], -2)
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
@@ -321,18 +329,22 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     def residual(v1: Tensor, v23: Tensor) -> tuple[Tensor, Tensor]:
         return r1 - vm(v1, H) - vm(v23, G), (r23 - vm(v1, G.mT)) * mask
 
+    def norm(u: Tensor, v: Tensor) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf), in numpy
+        return np.maximum(np.abs(u.numpy()).max(-1, initial=0.0), np.abs(v.numpy()).max(-1, initial=0.0))
+
     w1, w23 = solve(r1, r23)
-    size = inf_norm(torch.cat([r1, r23], -1))
-    solved = torch.zeros_like(ok)
+    size = norm(r1, r23)
+    scale = factor.scale.numpy()
     for step in range(max_refine + 1):
         res1, res23 = residual(w1, w23)
-        w_size = inf_norm(torch.cat([w1, w23], -1))
-        tol = 1e-11 * (n + p + m) * (factor.scale * w_size + size)
-        solved = ok & (inf_norm(torch.cat([res1, res23], -1)) <= tol) & torch.isfinite(w_size)
-        if step == max_refine or bool(solved.all()) or (not ok_all and bool((solved | ~ok).all())):
+        w_size = norm(w1, w23)
+        tol = 1e-11 * (n + p + m) * (scale * w_size + size)
+        solved = ok & (norm(res1, res23) <= tol) & np.isfinite(w_size)
+        if step == max_refine or solved.all() or (not ok_all and (solved | ~ok).all()):
             break
         d1, d23 = solve(res1, res23)
         w1, w23 = w1 + d1, w23 + d23
+    solved = torch.from_numpy(solved)
     if not bool(solved.all()):
         keep = solved.unsqueeze(-1)
         w1 = torch.where(keep, w1, torch.zeros_like(w1))
@@ -570,23 +582,31 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     if factor is not None and factor.L.device != P.H.device:
         factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
     act = classify_rows(P, x, y, z, s_eq, s_in, status, tol)
+    # (The statuses summed up once: each test is a device sync, and they add up at batch 1.)
+    all_feasible = bool(act.feasible.all())
+    any_shifted = not all_feasible and bool(act.shifted.any())
     ok = act.feasible | act.shifted
+    all_ok = all_feasible or bool(ok.all())
     # Keep non-finite values of problems that get no gradient out of the arithmetic.
     fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
-    if not bool(ok.all()):
+    if not all_ok:
         x, y, z, s_eq, s_in = map(fin, (x, y, z, s_eq, s_in))
         gx, gy, gz, gse, gsi = map(fin, (gx, gy, gz, gse, gsi))
 
-    if not bool(act.feasible.all()):  # (else the feasible group fills w1, w2, w3 as views)
-        w1, w2, w3 = P.H.new_zeros(B, n), P.H.new_zeros(B, p), P.H.new_zeros(B, m)
-    if bool(act.shifted.any()):
-        w5, w6, c = P.H.new_zeros(B, n), P.H.new_zeros(B, p + m), P.H.new_zeros(B, n)
     # Feasible problems need only the symmetric KKT block; closest-feasible ones the full system.
-    for group, full in ((act.feasible, False), (act.shifted, True)):
-        idx = group.nonzero().squeeze(-1)
-        if idx.numel() == 0:
+    # A group is the whole batch (index None) or the problems at its index.
+    if all_feasible:
+        groups = [(None, False)]  # (the common case: the feasible group fills w1, w2, w3 as views)
+    else:
+        w1, w2, w3 = P.H.new_zeros(B, n), P.H.new_zeros(B, p), P.H.new_zeros(B, m)
+        groups = [(group.nonzero().squeeze(-1), full) for group, full in ((act.feasible, False), (act.shifted, True))
+                  if not full or any_shifted]
+    if any_shifted:
+        w5, w6, c = P.H.new_zeros(B, n), P.H.new_zeros(B, p + m), P.H.new_zeros(B, n)
+    for idx, full in groups:
+        if idx is not None and idx.numel() == 0:
             continue
-        whole = idx.numel() == B
+        whole = idx is None or idx.numel() == B
         sub = (lambda t: t) if whole else (lambda t: t[idx])  # noqa: E731
         act_g = ActiveSet(*(sub(t) for t in act))
         P_g = P if whole else P.select(idx)
@@ -600,12 +620,18 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             # forward's factorization where it has one, else by a regularized factorization), the
             # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
             a = act_g.active
-            pick = sub(factor.usable.expand(B)).nonzero().squeeze(-1) if factor is not None else idx[:0]
-            every = pick.numel() == idx.numel()  # (the common case: no index juggling)
+            count = B if whole else idx.numel()
+            # The problems the forward's factorization covers (a factor is on the CPU, as the data).
+            usable = np.zeros(count, dtype=bool)
+            if factor is not None:
+                usable = factor.usable.expand(B).numpy()
+                usable = usable if whole else usable[idx.numpy()]
+            every = bool(usable.all())  # (the common case: no index juggling)
             if not every:
-                w = P_g.H.new_zeros(idx.numel(), n + p + m)
-                solved = torch.zeros(idx.numel(), dtype=torch.bool, device=w.device)
-            if pick.numel():
+                pick = torch.from_numpy(np.flatnonzero(usable))
+                w = P_g.H.new_zeros(count, n + p + m)
+                solved = torch.zeros(count, dtype=torch.bool, device=w.device)
+            if every or pick.numel():
                 take = (lambda t: sub(t)) if every else (lambda t: sub(t)[pick])  # noqa: E731
                 f_g = type(factor)(*(t if t.shape[0] == 1 else take(t) for t in factor))
                 w_f = kkt_solve_factored(f_g, take(P.H), take(P.A), take(P.C), take(act.active), take(gx),
@@ -614,15 +640,15 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
                     w, solved = torch.cat(w_f[:3], -1), w_f[3]
                 else:
                     w[pick], solved[pick] = torch.cat(w_f[:3], -1), w_f[3]
-            rest = (~solved).nonzero().squeeze(-1)
-            if rest.numel():
+            rest = (~solved).nonzero().squeeze(-1) if not bool(solved.all()) else None
+            if rest is not None and rest.numel():
                 G_r = torch.cat([P_g.A[rest], a[rest].unsqueeze(-1) * P_g.C[rest]], -2)
                 w1_r, w23_r, solved_r = kkt_solve_direct(P_g.H[rest], G_r, sub(gx)[rest],
                                                          torch.cat([sub(gy)[rest], a[rest] * sub(gz)[rest]], -1))
                 w[rest] = torch.cat([w1_r, w23_r], -1)
                 solved[rest] = solved_r
                 rest = (~solved).nonzero().squeeze(-1)
-            if rest.numel():
+            if rest is not None and rest.numel():
                 M, rhs, _, _ = system()
                 w[rest] = lstsq_min_norm(M[rest], rhs[rest])
         if whole:  # (views, no scatter: the common case of one group)
@@ -637,25 +663,28 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             w6[idx] = V * vm(w[:, 2 * n + p + m:2 * n + p + m + N.shape[-1]], N.transpose(-1, -2))
             c[idx] = c_g
 
-    def outer_sum(left: list, right: list) -> Tensor:
-        """sum_j left_j right_j' for (B,r) left_j and (B,c) right_j, as one (B,r,J) @ (B,J,c)
-        product: one pass over the (B,r,c) result instead of one per term."""
-        return torch.bmm(torch.stack(left, -1), torch.stack(right, -2))
-
-    A_left, A_right, C_left, C_right = [y, w2], [w1, x], [z, w3], [w1, x]
-    if bool(act.shifted.any()):  # the closest-feasible terms (zero for SOLVED problems)
+    # dL/dH, dL/dA and dL/dC are sums of outer products with the same right factors x and w1 (and
+    # w5, c for closest-feasible problems): one (B, n+p+m, J) @ (B, J, n) product makes all three,
+    # one pass over the output and one call instead of a product per term.
+    right = [x, w1]
+    H_left, A_left, C_left = [w1, x], [w2, y], [w3, z]
+    if any_shifted:  # the closest-feasible terms (zero for SOLVED problems)
         s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
-        A_left, A_right = A_left + [s_eq_used, -w6[:, :p]], A_right + [w5, c]
-        C_left, C_right = C_left + [act.violated * s_in, -w6[:, p:]], C_right + [w5, c]
+        right = right + [w5, c]
+        H_left = H_left + [torch.zeros_like(x)] * 2
+        A_left = A_left + [s_eq_used, -w6[:, :p]]
+        C_left = C_left + [act.violated * s_in, -w6[:, p:]]
+    left = torch.cat([torch.stack(H_left, -1), torch.stack(A_left, -1), torch.stack(C_left, -1)], -2)
+    outer = torch.bmm(left, torch.stack(right, -2)).neg_()  # (B, n+p+m, n)
     grads = {
-        "H": outer_sum([w1, x], [x, w1]).mul_(-0.5),
+        "H": outer[:, :n].mul_(0.5),
         "g": -w1,
-        "A": outer_sum(A_left, A_right).neg_(),
+        "A": outer[:, n:n + p],
         "b": w2,
-        "C": outer_sum(C_left, C_right).neg_(),
+        "C": outer[:, n + p:],
         "l": act.lower * w3,  # (0 at infinite bounds: classify_rows gives them no weight)
         "u": act.upper * w3,
     }
-    if not bool(ok.all()):
+    if not all_ok:
         grads = {k: fin(v) for k, v in grads.items()}
     return {k: as_dtype(v, out_dtype) for k, v in grads.items()}

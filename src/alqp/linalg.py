@@ -20,7 +20,11 @@ def inf_norm(v: Tensor) -> Tensor:
 
 def vm(v: Tensor, M: Tensor) -> Tensor:
     """Batched row vector times matrix, (B,r) x (B,r,k) -> (B,k). M v is vm(v, M.mT): on CPU this
-    layout is about twice as fast as a (B,r,k) @ (B,k,1) product, also with a transposed view M.mT."""
+    layout is about twice as fast as a (B,r,k) @ (B,k,1) product, also with a transposed view M.mT.
+    M may have batch size 1 (shared by the batch)."""
+    if M.dim() == 3 and M.shape[0] == v.shape[0]:
+        # (bmm skips matmul's broadcasting logic: a third less per call, which counts at batch 1)
+        return torch.bmm(v.unsqueeze(1), M).squeeze(1)
     return torch.matmul(v.unsqueeze(-2), M).squeeze(-2)
 
 

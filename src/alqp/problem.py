@@ -163,16 +163,23 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
         for name, t in data:
             if not _all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf")
-    for name in ("l", "u"):
-        t = present.get(name)
-        if t is not None and torch.isnan(t).any():
-            raise ValueError(f"{name} contains NaN")
-    if l is not None and (l == float("inf")).any():
-        raise ValueError("l contains +inf (a lower bound must be finite or -inf)")
-    if u is not None and (u == -float("inf")).any():
-        raise ValueError("u contains -inf (an upper bound must be finite or +inf)")
-    if l is not None and u is not None and (l > u).any():
-        raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
+    # The bounds in one pass (a NaN fails every comparison); only a failure is examined further.
+    inf = float("inf")
+    if l is not None and u is not None:
+        bounds_ok = bool(((l <= u) & (l < inf) & (u > -inf)).all())
+    else:
+        bounds_ok = bool((l < inf).all()) if l is not None else u is None or bool((u > -inf).all())
+    if not bounds_ok:
+        for name in ("l", "u"):
+            t = present.get(name)
+            if t is not None and torch.isnan(t).any():
+                raise ValueError(f"{name} contains NaN")
+        if l is not None and (l == inf).any():
+            raise ValueError("l contains +inf (a lower bound must be finite or -inf)")
+        if u is not None and (u == -inf).any():
+            raise ValueError("u contains -inf (an upper bound must be finite or +inf)")
+        if l is not None and u is not None and (l > u).any():
+            raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
 
     # Symmetrized before the batch is expanded, so a shared H stays one matrix. (H + H') is
     # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.

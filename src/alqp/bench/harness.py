@@ -245,7 +245,7 @@ def time_method(method: Method, qp: QPBatch, eps: float, backward: bool, repeats
         "total": _stats(total),
         "x": x.detach().to("cpu", torch.float64),
         "repeats": done,
-        "info": dict(method.last_info),
+        "info": method.last_info(),
     }
 
 

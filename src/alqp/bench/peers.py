@@ -48,7 +48,6 @@ class Method:
         tolerance: how the shared ``eps`` is passed to this method (printed with the results).
         backward_only: the method differs from another only by its backward (timed only in
             forward+backward mode).
-        last_info: method-specific facts about the latest forward (iterations, statuses), or {}.
     """
 
     name = "method"
@@ -56,8 +55,12 @@ class Method:
     backward_only = False
 
     def __init__(self):
-        self.last_info: dict = {}
         self.notes: list[str] = []
+
+    def last_info(self) -> dict:
+        """Method-specific facts about the latest forward (iterations, statuses), or {}. Called
+        after the timed runs: what it computes is not timed."""
+        return {}
 
     def unavailable(self) -> Optional[str]:
         """None when the method can run here, else why not (e.g. the package is not installed)."""
@@ -161,17 +164,21 @@ class AlqpMethod(Method):
 
     def forward(self, params):
         out = self._call(*params)
-        x = out.x if hasattr(out, "x") else (out[0] if isinstance(out, (tuple, list)) else out)
+        # (Kept for last_info, outside the timed region; not x, whose graph would outlive the run.)
+        self._last_counts = (getattr(out, "iterations", None), getattr(out, "status", None))
+        return out.x if hasattr(out, "x") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+    def last_info(self) -> dict:
+        iterations, status = getattr(self, "_last_counts", (None, None))
         info = {}
-        if hasattr(out, "iterations"):
-            it = out.iterations.detach().reshape(-1).to(torch.float64)
+        if iterations is not None:
+            it = iterations.detach().reshape(-1).to(torch.float64)
             info["newton_steps_max"] = int(it.max()) if it.numel() else 0
             info["newton_steps_mean"] = round(float(it.mean()), 2) if it.numel() else 0.0
-        if hasattr(out, "status"):
-            st = out.status.detach().reshape(-1)
+        if status is not None:
+            st = status.detach().reshape(-1)
             info["not_solved"] = int((st != 0).sum())
-        self.last_info = info
-        return x
+        return info
 
 
 # ---------------------------------------------------------------------------------------- proxsuite
