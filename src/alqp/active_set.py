@@ -286,6 +286,9 @@ class LeastDistanceFactor(NamedTuple):
         Mt: (B,n,p+m) L^-1 [A; C]' = [M_A; M_C]' (M_A = A L^-T, M_C = C L^-T).
         S_factor: (B,p,p) lower-triangular Cholesky factor of S = M_A M_A'.
         K: (B,p,m) S^-1 M_A M_C'.
+        W: (B,p,m) S_f^-1 M_A M_C' (K = S_f^-T W): with S_factor and the factor of R_J R_J' it makes
+            the Cholesky factor of the Gram matrix of the equality and active rows M_J M_J' (the
+            backward's KKT solve).
         R: (B,m,n) M_C - K' M_A = M_C P, the inequality rows on the null space of M_A.
         M_C_norm2: (B,m) |M_C,i|^2, the inequality rows' size in H's metric.
         scale: (B,) the largest |entry| of H, A and C.
@@ -296,6 +299,7 @@ class LeastDistanceFactor(NamedTuple):
     Mt: Tensor
     S_factor: Tensor
     K: Tensor
+    W: Tensor
     R: Tensor
     M_C_norm2: Tensor
     scale: Tensor
@@ -330,7 +334,7 @@ class _LeastDistanceForm:
         min 1/2 |u|^2   s.t.   l - c0 <= R u <= u - c0,   c0 = M_C (v_A - h),
 
     whose multipliers z satisfy u + R'z = 0. Then x = L^-T (v - h) and y = -S^-1 (b~ + M_A M_C' z)
-    satisfy H x + g + A'y + C'z = L (v + M_A'y + M_C'z) = 0: z is alqp's z unchanged.
+    (= y_A - K z, y_A = -S^-1 b~, K = S^-1 M_A M_C' of the factor) satisfy H x + g + A'y + C'z = L (v + M_A'y + M_C'z) = 0: z is alqp's z unchanged.
 
     Problems whose H is not positive definite (LPs, singular H), or whose H or equality rows are
     near singular (a Cholesky pivot p_i with p_i^2 below ``_LDP_MIN_PIVOT`` times its diagonal entry,
@@ -338,8 +342,8 @@ class _LeastDistanceForm:
     iterations handle singular Hessians and its own elimination reports dependent equality rows.
     """
 
-    def __init__(self, factor: "LeastDistanceFactor", h, v_A, b_t, lo, hi):
-        self.factor, self.h, self.v_A, self.b_t, self.lo, self.hi = factor, h, v_A, b_t, lo, hi
+    def __init__(self, factor: "LeastDistanceFactor", h, v_A, y_A, lo, hi):
+        self.factor, self.h, self.v_A, self.y_A, self.lo, self.hi = factor, h, v_A, y_A, lo, hi
         self.usable = factor.usable.numpy()
         self.R = factor.R.numpy()  # a view: R is C-contiguous
 
@@ -358,10 +362,10 @@ class _LeastDistanceForm:
         L, Mt = factor.L, factor.Mt
         M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
         h = torch.linalg.solve_triangular(L, g.unsqueeze(-1), upper=False).squeeze(-1)
-        b_t = b + vm(h, M_A.mT)
-        v_A = vm(cholesky_solve_rows(factor.S_factor, b_t), M_A) if p else torch.zeros_like(h)
+        y_A = -cholesky_solve_rows(factor.S_factor, b + vm(h, M_A.mT)) if p else b  # -S^-1 b~
+        v_A = -vm(y_A, M_A) if p else torch.zeros_like(h)
         c0 = vm(v_A - h, M_C.mT)
-        return cls(factor, h, v_A, b_t, (l - c0).numpy(), (u - c0).numpy())
+        return cls(factor, h, v_A, y_A, (l - c0).numpy(), (u - c0).numpy())
 
     def solve(self, solve, idx: np.ndarray, options: dict):
         """DAQP on the LDPs of problems ``idx``; returns x (len, n), [y; z] (len, p + m), DAQP's
@@ -390,12 +394,8 @@ class _LeastDistanceForm:
         u_t, z_t = torch.from_numpy(u_out), torch.from_numpy(z_out)
         v = take(self.v_A) + u_t
         x = torch.linalg.solve_triangular(take(f.L).mT, (v - take(self.h)).unsqueeze(-1), upper=True).squeeze(-1)
-        if f.S_factor.shape[-1]:
-            p = f.S_factor.shape[-1]
-            Mt = take(f.Mt)
-            y = -cholesky_solve_rows(take(f.S_factor), take(self.b_t) + vm(vm(z_t, Mt[..., p:].mT), Mt[..., :p]))
-        else:
-            y = z_t.new_zeros(idx.size, 0)
+        # y = -S^-1 (b~ + M_A M_C'z) = y_A - K z.
+        y = take(self.y_A) - vm(z_t, take(f.K).mT) if f.S_factor.shape[-1] else z_t.new_zeros(idx.size, 0)
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
 
 
@@ -427,16 +427,17 @@ def factorize(problem: QPProblem) -> Optional[LeastDistanceFactor]:
         if not usable.all():
             S_factor = torch.where(torch.from_numpy(usable)[:, None, None], S_factor, torch.eye(p, **f64))
         # K = S^-1 M_A M_C' (p, m), by two triangular solves (torch.cholesky_solve copies the factor).
-        K = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)
-        K = torch.linalg.solve_triangular(S_factor.mT, K, upper=True)
+        W = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)
+        K = torch.linalg.solve_triangular(S_factor.mT, W, upper=True)
         R = torch.baddbmm(M_C, K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P
     else:
-        S_factor, K, R = L.new_zeros(L.shape[0], 0, 0), L.new_zeros(L.shape[0], 0, C.shape[-2]), M_C
+        S_factor, R = L.new_zeros(L.shape[0], 0, 0), M_C
+        K = W = L.new_zeros(L.shape[0], 0, C.shape[-2])
     # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
     scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
                                         np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
     usable = torch.from_numpy(usable)
-    return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K,
+    return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K, W,
                                R.contiguous(), M_C.square().sum(-1), scale)
 
 

@@ -150,12 +150,17 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     z_tol = tol * dual_scale.unsqueeze(-1) / row_norm.clamp_min(torch.finfo(dtype).tiny)
     z_up, z_lo = z > z_tol, z < -z_tol
     violated_eq, violated = shifted_rows(problem.A, problem.b, C, l, u, x, s_eq, s_in, shifted, tol)
-    active = (feasible | shifted).unsqueeze(-1) & (violated | z_up | z_lo | on_u | on_l)
+    z_nonzero = z_up | z_lo
+    active = z_nonzero | on_u | on_l
+    if any_shifted:
+        active = (feasible | shifted).unsqueeze(-1) & (active | violated)
+    else:
+        active = feasible.unsqueeze(-1) & active
 
     # Which bound a row sits on: the sign of the shift for violated rows, else the sign of z, else
     # the bound it touches (half each when it touches both, l_i = u_i). A bound that is infinite
     # gets no weight (and so no gradient).
-    upper = torch.where(z_up, 1.0, torch.where(z_lo, 0.0, torch.where(on_u & on_l, 0.5, on_u.to(dtype))))
+    upper = torch.where(z_nonzero, z_up.to(dtype), on_u * (1.0 - 0.5 * on_l))
     if any_shifted:
         upper = torch.where(violated, (s_in > 0).to(dtype), upper)
     active = active.to(dtype)
@@ -269,15 +274,16 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
 
     The system [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] (w1, w2, w3_J) = (r1, r2, r3_J), J the
     active rows, is solved with the :class:`alqp.active_set.LeastDistanceFactor` of the forward
-    (H = L L', M = [A; C] L^-T = [M_A; M_C], S = M_A M_A' = S_f S_f', K = S^-1 M_A M_C',
-    R = M_C - K'M_A): with
+    (H = L L', M = [A; C] L^-T = [M_A; M_C], S = M_A M_A' = S_f S_f', W = S_f^-1 M_A M_C',
+    R = M_C - W'S_f^-1 M_A = M_C P): with
     w1 = L^-T q it is the KKT system of min 1/2|q|^2 - h'q, h = L^-1 r1, on the rows M, whose
-    multipliers solve (M_J M_J') w = M_J h - r. Eliminating the equality block leaves the Schur
-    complement T = R_J R_J' (|J| x |J|): only T is factored here. Then
+    multipliers solve (M_J M_J') w = M_J h - r, M_J = [M_A; D_a M_C]. The Cholesky factor of
+    M_J M_J' is [[S_f, 0], [D_a W', T_f]], T_f the factor of the Schur complement
+    T = R_J R_J' (|J| x |J|): only T is factored here. Then
 
-        w3 = T^-1 (e_C - K'e_A),  w2 = S^-1 e_A - K w3,  w1 = L^-T (h - M_A'w2 - M_C'w3),
+        [w2; w3] = (M_J M_J')^-1 e,  w1 = L^-T (h - M_J'[w2; w3]),  e = M_J h - r.
 
-    e = M h - r. A problem is reported unsolved (the caller takes :func:`kkt_solve_direct`) where
+    (The inactive rows get the identity in T, and 0 in e: w3 is exactly 0 there.) A problem is reported unsolved (the caller takes :func:`kkt_solve_direct`) where
     T's factorization fails, where a pivot t_i of T has t_i^2 below ``min_pivot`` |M_C,i|^2 (an
     active row within sin = 1e-5 of the span of the equality rows and the active rows before it),
     or where the residual in the problem's own terms misses :func:`kkt_solve_direct`'s tolerance
@@ -294,7 +300,7 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     """
     B, n = r1.shape
     p, m = A.shape[-2], C.shape[-2]
-    L, Mt, S_f, K, R = factor.L, factor.Mt, factor.S_factor, factor.K, factor.R
+    L, Mt, S_f, R = factor.L, factor.Mt, factor.S_factor, factor.R
     a = active
     Ra = R * a.unsqueeze(-1)
     T = torch.bmm(Ra, Ra.mT)
@@ -310,42 +316,48 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     ok_all = bool(ok.all())
     if not ok_all:
         T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
-    G = torch.cat([A, C], -2)
+    F = T_f
+    if p:
+        top = torch.cat([S_f, S_f.new_zeros(S_f.shape[0], p, m)], -1).expand(B, p, p + m)
+        F = torch.cat([top, torch.cat([factor.W.mT * a.unsqueeze(-1), T_f], -1)], -2)
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
 
     def solve(q1: Tensor, q23: Tensor) -> tuple[Tensor, Tensor]:
         # Row-vector forms (x' L' = q' for L^-1 q, x' L = q' for L^-T q): faster batched on CPU.
         h = torch.linalg.solve_triangular(L.mT, q1.unsqueeze(-2), upper=True, left=False).squeeze(-2)
-        e = vm(h, Mt) - q23  # [e_A; e_C] = M h - r
-        e_A, e_C = e[:, :p], e[:, p:] * a
-        # (T is the identity on the inactive rows and uncoupled from them: v3 is exactly 0 there.)
-        v3 = cholesky_solve_rows(T_f, e_C - vm(e_A, K) * a) if m else e_C
-        v2 = (cholesky_solve_rows(S_f, e_A) - vm(v3, K.mT)) if p else e_A
-        v23 = torch.cat([v2, v3], -1)
+        v23 = cholesky_solve_rows(F, (vm(h, Mt) - q23) * mask)
         v1 = torch.linalg.solve_triangular(L, (h - vm(v23, Mt.mT)).unsqueeze(-2), upper=False, left=False)
         return v1.squeeze(-2), v23
 
-    def residual(v1: Tensor, v23: Tensor) -> tuple[Tensor, Tensor]:
-        return r1 - vm(v1, H) - vm(v23, G), (r23 - vm(v1, G.mT)) * mask
+    # The residual check on numpy views (matrix-vector products and norms: at batch 1 numpy's
+    # per-call cost is a fraction of torch's, and at batch 100 its stacked products are as fast).
+    H_, A_, C_, r1_, r23_, mask_ = (t.numpy() for t in (H, A, C, r1, r23, mask))
 
-    def norm(u: Tensor, v: Tensor) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf), in numpy
-        return np.maximum(np.abs(u.numpy()).max(-1, initial=0.0), np.abs(v.numpy()).max(-1, initial=0.0))
+    def residual(v1: np.ndarray, v23: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v1r = v1[:, None, :]
+        res1 = r1_ - (v1r @ H_)[:, 0] - (v23[:, None, :p] @ A_)[:, 0] - (v23[:, None, p:] @ C_)[:, 0]
+        Gv1 = np.concatenate([(v1r @ A_.transpose(0, 2, 1))[:, 0], (v1r @ C_.transpose(0, 2, 1))[:, 0]], -1)
+        return res1, (r23_ - Gv1) * mask_
+
+    def norm(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf)
+        return np.maximum(np.abs(u).max(-1, initial=0.0), np.abs(v).max(-1, initial=0.0))
 
     w1, w23 = solve(r1, r23)
-    size = norm(r1, r23)
+    size = norm(r1_, r23_)
     scale = factor.scale.numpy()
     for step in range(max_refine + 1):
-        res1, res23 = residual(w1, w23)
-        w_size = norm(w1, w23)
+        res1, res23 = residual(w1.numpy(), w23.numpy())
+        w_size = norm(w1.numpy(), w23.numpy())
         tol = 1e-11 * (n + p + m) * (scale * w_size + size)
         solved = ok & (norm(res1, res23) <= tol) & np.isfinite(w_size)
         if step == max_refine or solved.all() or (not ok_all and (solved | ~ok).all()):
             break
-        d1, d23 = solve(res1, res23)
+        d1, d23 = solve(torch.from_numpy(res1), torch.from_numpy(res23))
         w1, w23 = w1 + d1, w23 + d23
+    all_solved = bool(solved.all())
     solved = torch.from_numpy(solved)
-    if not bool(solved.all()):
+    if not all_solved:
         keep = solved.unsqueeze(-1)
         w1 = torch.where(keep, w1, torch.zeros_like(w1))
         w23 = torch.where(keep, w23, torch.zeros_like(w23))
