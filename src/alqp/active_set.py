@@ -154,7 +154,12 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     # good to ~eta_prox. Any other H goes as it is, with DAQP's automatic proximal regularization
     # (a negative eps_prox, its default): DAQP's own Cholesky factorization of H decides, so only
     # a singular one gets the proximal outer iterations.
-    H_zero = (~H.reshape(H.shape[0], -1).any(axis=1)).tolist()
+    # (A zero diagonal first: for a positive semi-definite H only a zero H has one, and the test
+    # reads n entries instead of n^2; the full test confirms it.)
+    H_zero = ~np.diagonal(H, axis1=-2, axis2=-1).any(axis=-1)
+    if H_zero.any():
+        H_zero[H_zero] = ~H[H_zero].reshape(int(H_zero.sum()), -1).any(axis=1)
+    H_zero = H_zero.tolist()
 
     finfo = torch.finfo(dtype)
     tol = max(settings.eps_abs, 100 * finfo.eps)
@@ -177,7 +182,7 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     if n > 0:
         # Strictly convex problems first, as least-distance problems (_LeastDistanceForm): DAQP
         # then skips its own factorizations, the most of its time on dense problems.
-        ldp = _LeastDistanceForm.build(problem, H_zero, factor)
+        ldp = _LeastDistanceForm.build(problem, H_zero, factor, G)
         if ldp is not None:
             idx = np.flatnonzero(ldp.usable)
             x_l, w_l, flags_l, iters_l = ldp.solve(solve, idx, options)
@@ -348,13 +353,14 @@ class _LeastDistanceForm:
         self.R = factor.R.numpy()  # a view: R is C-contiguous
 
     @classmethod
-    def build(cls, problem: QPProblem, H_zero: list,
-              factor: Optional["LeastDistanceFactor"] = None) -> "_LeastDistanceForm | None":
+    def build(cls, problem: QPProblem, H_zero: list, factor: Optional["LeastDistanceFactor"] = None,
+              G: Optional[np.ndarray] = None) -> "_LeastDistanceForm | None":
         """The LDP of every problem of ``problem`` (canonical batch), or None when none qualifies.
         ``factor``: the problems' :class:`LeastDistanceFactor` when it is known already (the same H,
-        A and C, e.g. the LPGD backward's re-solve), else it is computed (:func:`factorize`)."""
+        A and C, e.g. the LPGD backward's re-solve), else it is computed (:func:`factorize`, which
+        takes ``G``)."""
         if factor is None:
-            factor = None if all(H_zero) else factorize(problem)
+            factor = None if all(H_zero) else factorize(problem, G)
         if factor is None:
             return None
         p = problem.p
@@ -399,10 +405,12 @@ class _LeastDistanceForm:
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
 
 
-def factorize(problem: QPProblem) -> Optional[LeastDistanceFactor]:
+def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[LeastDistanceFactor]:
     """The :class:`LeastDistanceFactor` of a canonical batch (a function of H, A and C only), or
     None when no problem qualifies for the least-distance form. H, A and C shared by the whole
-    batch (batch stride 0) are factored once."""
+    batch (batch stride 0) are factored once. ``G``: [A; C] where the caller has it already, as
+    :func:`solve_active_set`'s host array (float64, batch size B, or 1 for shared A and C);
+    None: concatenated here."""
     f64 = dict(dtype=torch.float64, device="cpu")
     B, n, p = problem.batch_size, problem.n, problem.p
     shared = all(t.shape[0] == 1 or t.stride(0) == 0 for t in (problem.H, problem.A, problem.C))
@@ -417,7 +425,8 @@ def factorize(problem: QPProblem) -> Optional[LeastDistanceFactor]:
         return None
     if not usable.all():
         L = torch.where(torch.from_numpy(usable)[:, None, None], L, torch.eye(n, **f64))
-    G = torch.cat([A, C], -2)
+    # (A host G of batch size 1 broadcasts against a batched L.)
+    G = torch.cat([A, C], -2) if G is None else torch.from_numpy(G)
     Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)  # L^-1 [A; C]'
     M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
     if p:

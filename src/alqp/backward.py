@@ -578,15 +578,19 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     """
     out_dtype = problem.H.dtype
     tol = active_tol if active_tol is not None else activity_tol(out_dtype, settings)
-    P = QPProblem(**{k: as_dtype(t, WORK_DTYPE) for k, t in problem.tensors().items()},
-                  batched=problem.batched, unbatched=problem.unbatched)
+    P = problem if out_dtype == WORK_DTYPE else QPProblem(
+        **{k: as_dtype(t, WORK_DTYPE) for k, t in problem.tensors().items()},
+        batched=problem.batched, unbatched=problem.unbatched)
     B, n, p, m = P.batch_size, P.n, P.p, P.m
     x, y, z, s_eq, s_in = (as_dtype(t, WORK_DTYPE) for t in (solution.x, solution.y, solution.z,
                                                      solution.s_eq, solution.s_in))
     status = solution.status
 
     def grad_or_zero(gr, k):
-        return P.H.new_zeros(B, k) if gr is None else as_dtype(gr, WORK_DTYPE).expand(B, k)
+        if gr is None:
+            return P.H.new_zeros(B, k)
+        gr = as_dtype(gr, WORK_DTYPE)
+        return gr if gr.shape == (B, k) else gr.expand(B, k)
 
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
@@ -620,7 +624,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             continue
         whole = idx is None or idx.numel() == B
         sub = (lambda t: t) if whole else (lambda t: t[idx])  # noqa: E731
-        act_g = ActiveSet(*(sub(t) for t in act))
+        act_g = act if whole else ActiveSet(*(sub(t) for t in act))
         P_g = P if whole else P.select(idx)
         system = lambda: _adjoint_system(P_g, sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,  # noqa: E731
                                          sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
@@ -645,7 +649,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
                 solved = torch.zeros(count, dtype=torch.bool, device=w.device)
             if every or pick.numel():
                 take = (lambda t: sub(t)) if every else (lambda t: sub(t)[pick])  # noqa: E731
-                f_g = type(factor)(*(t if t.shape[0] == 1 else take(t) for t in factor))
+                f_g = factor if every and whole else type(factor)(*(t if t.shape[0] == 1 else take(t) for t in factor))
                 w_f = kkt_solve_factored(f_g, take(P.H), take(P.A), take(P.C), take(act.active), take(gx),
                                          take(gy), take(gz))
                 if every:
@@ -676,8 +680,9 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
             c[idx] = c_g
 
     # dL/dH, dL/dA and dL/dC are sums of outer products with the same right factors x and w1 (and
-    # w5, c for closest-feasible problems): one (B, n+p+m, J) @ (B, J, n) product makes all three,
-    # one pass over the output and one call instead of a product per term.
+    # w5, c for closest-feasible problems): one (B, r, J) @ (B, J, n) product per gradient, one pass
+    # over its output. At batch 1 a single product makes all three (its slices are then contiguous,
+    # so autograd takes them as they are; at larger B it would copy them).
     right = [x, w1]
     H_left, A_left, C_left = [w1, x], [w2, y], [w3, z]
     if any_shifted:  # the closest-feasible terms (zero for SOLVED problems)
@@ -686,14 +691,18 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         H_left = H_left + [torch.zeros_like(x)] * 2
         A_left = A_left + [s_eq_used, -w6[:, :p]]
         C_left = C_left + [act.violated * s_in, -w6[:, p:]]
-    left = torch.cat([torch.stack(H_left, -1), torch.stack(A_left, -1), torch.stack(C_left, -1)], -2)
-    outer = torch.bmm(left, torch.stack(right, -2)).neg_()  # (B, n+p+m, n)
+    lefts, right = [torch.stack(t, -1) for t in (H_left, A_left, C_left)], torch.stack(right, -2)
+    if B == 1:
+        outer = torch.bmm(torch.cat(lefts, -2), right).neg_()  # (1, n+p+m, n)
+        dH, dA, dC = outer[:, :n], outer[:, n:n + p], outer[:, n + p:]
+    else:
+        dH, dA, dC = (torch.bmm(left, right).neg_() for left in lefts)
     grads = {
-        "H": outer[:, :n].mul_(0.5),
+        "H": dH.mul_(0.5),
         "g": -w1,
-        "A": outer[:, n:n + p],
+        "A": dA,
         "b": w2,
-        "C": outer[:, n + p:],
+        "C": dC,
         "l": act.lower * w3,  # (0 at infinite bounds: classify_rows gives them no weight)
         "u": act.upper * w3,
     }
