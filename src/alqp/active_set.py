@@ -339,7 +339,8 @@ class _LeastDistanceForm:
         min 1/2 |u|^2   s.t.   l - c0 <= R u <= u - c0,   c0 = M_C (v_A - h),
 
     whose multipliers z satisfy u + R'z = 0. Then x = L^-T (v - h) and y = -S^-1 (b~ + M_A M_C' z)
-    (= y_A - K z, y_A = -S^-1 b~, K = S^-1 M_A M_C' of the factor) satisfy H x + g + A'y + C'z = L (v + M_A'y + M_C'z) = 0: z is alqp's z unchanged.
+    (= y_A - K z, y_A = -S^-1 b~, K = S^-1 M_A M_C' of the factor) satisfy
+    H x + g + A'y + C'z = L (v + M_A'y + M_C'z) = 0: z is alqp's z unchanged.
 
     Problems whose H is not positive definite (LPs, singular H), or whose H or equality rows are
     near singular (a Cholesky pivot p_i with p_i^2 below ``_LDP_MIN_PIVOT`` times its diagonal entry,
@@ -435,7 +436,8 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         usable &= (info_s.numpy() == 0) & _pivots_fine(S_factor, S)
         if not usable.all():
             S_factor = torch.where(torch.from_numpy(usable)[:, None, None], S_factor, torch.eye(p, **f64))
-        # K = S^-1 M_A M_C' (p, m), by two triangular solves (torch.cholesky_solve copies the factor).
+        # W = S_f^-1 M_A M_C' and K = S_f^-T W (p, m): two triangular solves (torch.cholesky_solve
+        # copies the factor, and W is kept for the backward).
         W = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)
         K = torch.linalg.solve_triangular(S_factor.mT, W, upper=True)
         R = torch.baddbmm(M_C, K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P

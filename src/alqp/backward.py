@@ -71,7 +71,6 @@ one get :func:`lstsq_min_norm`.
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -283,11 +282,12 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
 
         [w2; w3] = (M_J M_J')^-1 e,  w1 = L^-T (h - M_J'[w2; w3]),  e = M_J h - r.
 
-    (The inactive rows get the identity in T, and 0 in e: w3 is exactly 0 there.) A problem is reported unsolved (the caller takes :func:`kkt_solve_direct`) where
-    T's factorization fails, where a pivot t_i of T has t_i^2 below ``min_pivot`` |M_C,i|^2 (an
-    active row within sin = 1e-5 of the span of the equality rows and the active rows before it),
-    or where the residual in the problem's own terms misses :func:`kkt_solve_direct`'s tolerance
-    after ``max_refine`` refinement steps.
+    (The inactive rows get the identity in T, and 0 in e: w3 is exactly 0 there.) A problem is
+    reported unsolved (the caller takes :func:`kkt_solve_direct`) where T's factorization fails,
+    where a pivot t_i of T has t_i^2 below ``min_pivot`` |M_C,i|^2 (an active row within
+    sin = 1e-5 of the span of the equality rows and the active rows before it), or where the
+    residual in the problem's own terms misses :func:`kkt_solve_direct`'s tolerance after
+    ``max_refine`` refinement steps.
 
     Args:
         factor: the LeastDistanceFactor, its tensors already restricted to this batch (batch
@@ -316,19 +316,28 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     ok_all = bool(ok.all())
     if not ok_all:
         T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
-    F = T_f
-    if p:
-        top = torch.cat([S_f, S_f.new_zeros(S_f.shape[0], p, m)], -1).expand(B, p, p + m)
-        F = torch.cat([top, torch.cat([factor.W.mT * a.unsqueeze(-1), T_f], -1)], -2)
+    W = factor.W
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
 
+    def lower_solve(F: Tensor, q: Tensor, transposed: bool) -> Tensor:
+        # Row-vector forms (x' F' = q' for F^-1 q, x' F = q' for F^-T q): faster batched on CPU.
+        F = F if transposed else F.mT
+        return torch.linalg.solve_triangular(F, q.unsqueeze(-2), upper=not transposed, left=False).squeeze(-2)
+
     def solve(q1: Tensor, q23: Tensor) -> tuple[Tensor, Tensor]:
-        # Row-vector forms (x' L' = q' for L^-1 q, x' L = q' for L^-T q): faster batched on CPU.
-        h = torch.linalg.solve_triangular(L.mT, q1.unsqueeze(-2), upper=True, left=False).squeeze(-2)
-        v23 = cholesky_solve_rows(F, (vm(h, Mt) - q23) * mask)
-        v1 = torch.linalg.solve_triangular(L, (h - vm(v23, Mt.mT)).unsqueeze(-2), upper=False, left=False)
-        return v1.squeeze(-2), v23
+        h = lower_solve(L, q1, False)
+        e = (vm(h, Mt) - q23) * mask
+        # Forward and back substitution with the block factor [[S_f, 0], [D_a W', T_f]] (never
+        # assembled: at large batches its copy would cost more than the solves).
+        y2 = e[:, p:]
+        if p:
+            y1 = lower_solve(S_f, e[:, :p], False)
+            y2 = y2 - a * vm(y1, W)
+        v3 = lower_solve(T_f, lower_solve(T_f, y2, False), True) if m else y2
+        v23 = torch.cat([lower_solve(S_f, y1 - vm(a * v3, W.mT), True), v3], -1) if p else v3
+        v1 = lower_solve(L, h - vm(v23, Mt.mT), True)
+        return v1, v23
 
     # The residual check on numpy views (matrix-vector products and norms: at batch 1 numpy's
     # per-call cost is a fraction of torch's, and at batch 100 its stacked products are as fast).
@@ -684,19 +693,21 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     # over its output. At batch 1 a single product makes all three (its slices are then contiguous,
     # so autograd takes them as they are; at larger B it would copy them).
     right = [x, w1]
-    H_left, A_left, C_left = [w1, x], [w2, y], [w3, z]
+    A_left, C_left = [w2, y], [w3, z]
     if any_shifted:  # the closest-feasible terms (zero for SOLVED problems)
         s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
         right = right + [w5, c]
-        H_left = H_left + [torch.zeros_like(x)] * 2
         A_left = A_left + [s_eq_used, -w6[:, :p]]
         C_left = C_left + [act.violated * s_in, -w6[:, p:]]
-    lefts, right = [torch.stack(t, -1) for t in (H_left, A_left, C_left)], torch.stack(right, -2)
+    right, H_left = torch.stack(right, -2), torch.stack([w1, x], -1)
+    A_left, C_left = torch.stack(A_left, -1), torch.stack(C_left, -1)
     if B == 1:
-        outer = torch.bmm(torch.cat(lefts, -2), right).neg_()  # (1, n+p+m, n)
+        H_left = torch.nn.functional.pad(H_left, (0, right.shape[-2] - 2))  # (zero weight on w5, c)
+        outer = torch.bmm(torch.cat([H_left, A_left, C_left], -2), right).neg_()  # (1, n+p+m, n)
         dH, dA, dC = outer[:, :n], outer[:, n:n + p], outer[:, n + p:]
     else:
-        dH, dA, dC = (torch.bmm(left, right).neg_() for left in lefts)
+        dH = torch.bmm(H_left, right[:, :2]).neg_()
+        dA, dC = torch.bmm(A_left, right).neg_(), torch.bmm(C_left, right).neg_()
     grads = {
         "H": dH.mul_(0.5),
         "g": -w1,

@@ -7,7 +7,6 @@ leading B and is then shared by the whole batch.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, fields, replace
 
 import torch
