@@ -204,53 +204,60 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
                 x_out[i] = x
                 w_out[i] = info["lam"]
 
-    # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one).
     shift_out = np.zeros((B, k))
     shifted = np.zeros(B, dtype=bool)
-    if settings.closest_feasible and n > 0:
-        for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
-            found = _closest_feasible_one(solve, None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
-                                          lo[i * sl], hi[i * su], sense, options)
-            if found is not None:
-                x_out[i], w_out[i], shift_out[i], extra = found
-                iters[i] += extra
-                shifted[i] = True
+    if certified.all():
+        # (The common case: every problem certified on its least-distance form. Its answer is then
+        # finite, and nothing is left to shift or recheck.)
+        x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
+        status = np.full(B, int(Status.SOLVED), dtype=np.int64)
+    else:
+        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one).
+        if settings.closest_feasible and n > 0:
+            for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
+                found = _closest_feasible_one(solve, None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
+                                              lo[i * sl], hi[i * su], sense, options)
+                if found is not None:
+                    x_out[i], w_out[i], shift_out[i], extra = found
+                    iters[i] += extra
+                    shifted[i] = True
 
-    finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1) & np.isfinite(shift_out).all(-1)
-    x_out[~finite] = 0.0
-    w_out[~finite] = 0.0
-    shift_out[~finite] = 0.0
-    shifted &= finite
-    # The answer is checked as it is returned: rounded to the input's dtype.
-    x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
-    solved = flags == _DAQP_OPTIMAL
-    recheck = np.flatnonzero(direct & solved & finite)
-    certified &= finite
-    if recheck.size:
-        pick = lambda a: a if a.shape[0] == 1 else a[recheck]  # noqa: E731
-        certified[recheck] = _certify(pick(H), pick(g), pick(G), pick(lo), pick(hi), p, x_out[recheck],
-                                      w_out[recheck], tol, settings.eps_rel, finfo.eps)
-    if shifted.any():
-        idx = np.flatnonzero(shifted)
-        pick = lambda a: a if a.shape[0] == 1 else a[idx]  # noqa: E731
-        s_i, x_i = shift_out[idx], x_out[idx]
-        # The shifted QP solved, and the shift the least-squares one: it is x's own violation
-        # of the original rows, and G's = 0 (DESIGN section 2).
-        Gx = _vm(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
-        violation = Gx - np.clip(Gx, pick(lo), pick(hi))
-        G_scale = np.abs(pick(G)).max(axis=(-2, -1), initial=0.0)
-        shift_ok = (_inf_norm(violation - s_i) <= tol) & (_inf_norm(_vm(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale))
-        ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol,
-                      settings.eps_rel, finfo.eps)
-        shifted[idx] = ok & shift_ok
+        finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1) & np.isfinite(shift_out).all(-1)
+        x_out[~finite] = 0.0
+        w_out[~finite] = 0.0
+        shift_out[~finite] = 0.0
+        shifted &= finite
+        # The answer is checked as it is returned: rounded to the input's dtype.
+        x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
+        solved = flags == _DAQP_OPTIMAL
+        recheck = np.flatnonzero(direct & solved & finite)
+        certified &= finite
+        if recheck.size:
+            pick = lambda a: a if a.shape[0] == 1 else a[recheck]  # noqa: E731
+            certified[recheck] = _certify(pick(H), pick(g), pick(G), pick(lo), pick(hi), p, x_out[recheck],
+                                          w_out[recheck], tol, settings.eps_rel, finfo.eps)
+        if shifted.any():
+            idx = np.flatnonzero(shifted)
+            pick = lambda a: a if a.shape[0] == 1 else a[idx]  # noqa: E731
+            s_i, x_i = shift_out[idx], x_out[idx]
+            # The shifted QP solved, and the shift the least-squares one: it is x's own violation
+            # of the original rows, and G's = 0 (DESIGN section 2).
+            Gx = _vm(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
+            violation = Gx - np.clip(Gx, pick(lo), pick(hi))
+            G_scale = np.abs(pick(G)).max(axis=(-2, -1), initial=0.0)
+            shift_ok = ((_inf_norm(violation - s_i) <= tol)
+                        & (_inf_norm(_vm(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale)))
+            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol,
+                          settings.eps_rel, finfo.eps)
+            shifted[idx] = ok & shift_ok
 
-    status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
-    for flag, st in _DAQP_STATUS.items():
-        status[flags == flag] = int(st)
-    status[solved & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
-    status[certified] = int(Status.SOLVED)
-    status[shifted] = int(Status.CLOSEST_FEASIBLE)
-    certified = certified | shifted
+        status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
+        for flag, st in _DAQP_STATUS.items():
+            status[flags == flag] = int(st)
+        status[solved & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
+        status[certified] = int(Status.SOLVED)
+        status[shifted] = int(Status.CLOSEST_FEASIBLE)
+        certified = certified | shifted
 
     out = dict(dtype=dtype, device=device)
     x_t = _device_tensor(x_out, dtype, device)

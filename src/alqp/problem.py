@@ -200,7 +200,7 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
         t = _detached(t)
         if t.dim() == len(core_shape):
             t = t.unsqueeze(0)
-        return t.expand(B, *core_shape)
+        return t if t.shape[0] == B else t.expand(B, *core_shape)
 
     p = A.shape[-2] if A is not None else 0
     m = C.shape[-2] if C is not None else 0
