@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from alqp.activity import closest_feasible_output
-from alqp.linalg import cholesky_solve_rows, vm
+from alqp.linalg import cholesky_solve_rows, inf_norm_host, vm, vm_host
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -242,11 +242,11 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
             s_i, x_i = shift_out[idx], x_out[idx]
             # The shifted QP solved, and the shift the least-squares one: it is x's own violation
             # of the original rows, and G's = 0 (DESIGN section 2).
-            Gx = _vm(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
+            Gx = vm_host(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
             violation = Gx - np.clip(Gx, pick(lo), pick(hi))
             G_scale = np.abs(pick(G)).max(axis=(-2, -1), initial=0.0)
-            shift_ok = ((_inf_norm(violation - s_i) <= tol)
-                        & (_inf_norm(_vm(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale)))
+            shift_ok = ((inf_norm_host(violation - s_i) <= tol)
+                        & (inf_norm_host(vm_host(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale)))
             ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol,
                           settings.eps_rel, finfo.eps)
             shifted[idx] = ok & shift_ok
@@ -493,17 +493,6 @@ def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):
     return x, info2["lam"], shift, info["iterations"] + info2["iterations"]
 
 
-def _inf_norm(v: np.ndarray) -> np.ndarray:
-    """(B,r) -> (B,) infinity norm of each row, 0 for r = 0."""
-    return np.abs(v).max(axis=-1, initial=0.0)
-
-
-def _vm(v: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """(B,r) x (B or 1,r,c) -> (B,c). (numpy's stacked matmul: at batch 1 a fifth of the cost of the
-    same product through torch tensors, and no slower at batch 100.)"""
-    return (v[:, None, :] @ M)[:, 0]
-
-
 def _certify(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: int,
              x: np.ndarray, w: np.ndarray, eps_abs: float, eps_rel: float, machine_eps: float) -> np.ndarray:
     """(B,) True where (x, w = [y; z]) solves the QP to the tolerance, by the residuals of
@@ -520,29 +509,29 @@ def _certify(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np
     term bounding the round-off of computing it, as the ALM allows (it matters for float32, whose
     rounded x alone leaves a dual residual of about eps |H||x|).
 
-    Arrays are float64, batched (B, ...) or shared (leading dimension 1). The products run batched
-    in torch, the elementwise rest in numpy (a fraction of torch's per-call cost at small B).
+    Arrays are float64, batched (B, ...) or shared (leading dimension 1), and it all runs in numpy
+    (a fraction of torch's per-call cost at small B; its stacked products are as fast at B = 100).
     """
     k = G.shape[-2]
-    Hx = _vm(x, H)  # H symmetric
-    Gx = _vm(x, G.transpose(0, 2, 1)) if k else np.zeros((x.shape[0], 0))
-    Gw = _vm(w, G) if k else np.zeros_like(x)
-    primal = _inf_norm(Gx - np.clip(Gx, lo, hi))
-    natural = _inf_norm(Gx - np.clip(Gx + w, lo, hi))
-    dual = _inf_norm(Hx + g + Gw)
+    Hx = vm_host(x, H)  # H symmetric
+    Gx = vm_host(x, G.transpose(0, 2, 1)) if k else np.zeros((x.shape[0], 0))
+    Gw = vm_host(w, G) if k else np.zeros_like(x)
+    primal = inf_norm_host(Gx - np.clip(Gx, lo, hi))
+    natural = inf_norm_host(Gx - np.clip(Gx + w, lo, hi))
+    dual = inf_norm_host(Hx + g + Gw)
     eps_p = eps_d = eps_abs
     if eps_rel > 0:
-        eps_p = eps_abs + eps_rel * np.maximum(_inf_norm(Gx), _inf_norm(lo[:, :p]))
-        eps_d = eps_abs + eps_rel * np.maximum(np.maximum(_inf_norm(Hx), _inf_norm(g)), _inf_norm(Gw))
+        eps_p = eps_abs + eps_rel * np.maximum(inf_norm_host(Gx), inf_norm_host(lo[:, :p]))
+        eps_d = eps_abs + eps_rel * np.maximum(np.maximum(inf_norm_host(Hx), inf_norm_host(g)), inf_norm_host(Gw))
     ok = (primal <= eps_p) & (natural <= eps_p)
     dual_ok = dual <= eps_d
     # The round-off bound costs a pass over |H| and |G|: only for the problems that need it.
     retry = np.flatnonzero(ok & ~dual_ok)
     if retry.size:
         pick = lambda a: a if a.shape[0] == 1 else a[retry]  # noqa: E731
-        roundoff = _vm(np.abs(x[retry]), np.abs(pick(H)))
+        roundoff = vm_host(np.abs(x[retry]), np.abs(pick(H)))
         if k:
-            roundoff = roundoff + _vm(np.abs(w[retry]), np.abs(pick(G)))
+            roundoff = roundoff + vm_host(np.abs(w[retry]), np.abs(pick(G)))
         eps_retry = eps_d if np.isscalar(eps_d) else eps_d[retry]
-        dual_ok[retry] = dual[retry] <= eps_retry + 10 * machine_eps * _inf_norm(roundoff)
+        dual_ok[retry] = dual[retry] <= eps_retry + 10 * machine_eps * inf_norm_host(roundoff)
     return ok & dual_ok

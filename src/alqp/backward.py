@@ -77,7 +77,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alqp.linalg import as_dtype, cholesky_solve_rows, inf_norm, magnitudes, vm
+from alqp.linalg import (as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes, solve_triangular_rows, vm,
+                         vm_host)
 from alqp.activity import activity_tol, row_tolerance, shifted_rows
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
@@ -320,23 +321,18 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
 
-    def lower_solve(F: Tensor, q: Tensor, transposed: bool) -> Tensor:
-        # Row-vector forms (x' F' = q' for F^-1 q, x' F = q' for F^-T q): faster batched on CPU.
-        F = F if transposed else F.mT
-        return torch.linalg.solve_triangular(F, q.unsqueeze(-2), upper=not transposed, left=False).squeeze(-2)
-
     def solve(q1: Tensor, q23: Tensor) -> tuple[Tensor, Tensor]:
-        h = lower_solve(L, q1, False)
+        h = solve_triangular_rows(L, q1)
         e = (vm(h, Mt) - q23) * mask
         # Forward and back substitution with the block factor [[S_f, 0], [D_a W', T_f]] (never
         # assembled: at large batches its copy would cost more than the solves).
         y2 = e[:, p:]
         if p:
-            y1 = lower_solve(S_f, e[:, :p], False)
+            y1 = solve_triangular_rows(S_f, e[:, :p])
             y2 = y2 - a * vm(y1, W)
-        v3 = lower_solve(T_f, lower_solve(T_f, y2, False), True) if m else y2
-        v23 = torch.cat([lower_solve(S_f, y1 - vm(a * v3, W.mT), True), v3], -1) if p else v3
-        v1 = lower_solve(L, h - vm(v23, Mt.mT), True)
+        v3 = cholesky_solve_rows(T_f, y2) if m else y2
+        v23 = torch.cat([solve_triangular_rows(S_f, y1 - vm(a * v3, W.mT), transposed=True), v3], -1) if p else v3
+        v1 = solve_triangular_rows(L, h - vm(v23, Mt.mT), transposed=True)
         return v1, v23
 
     # The residual check on numpy views (matrix-vector products and norms: at batch 1 numpy's
@@ -344,13 +340,12 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     H_, A_, C_, r1_, r23_, mask_ = (t.numpy() for t in (H, A, C, r1, r23, mask))
 
     def residual(v1: np.ndarray, v23: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        v1r = v1[:, None, :]
-        res1 = r1_ - (v1r @ H_)[:, 0] - (v23[:, None, :p] @ A_)[:, 0] - (v23[:, None, p:] @ C_)[:, 0]
-        Gv1 = np.concatenate([(v1r @ A_.transpose(0, 2, 1))[:, 0], (v1r @ C_.transpose(0, 2, 1))[:, 0]], -1)
+        res1 = r1_ - vm_host(v1, H_) - vm_host(v23[:, :p], A_) - vm_host(v23[:, p:], C_)
+        Gv1 = np.concatenate([vm_host(v1, A_.transpose(0, 2, 1)), vm_host(v1, C_.transpose(0, 2, 1))], -1)
         return res1, (r23_ - Gv1) * mask_
 
     def norm(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf)
-        return np.maximum(np.abs(u).max(-1, initial=0.0), np.abs(v).max(-1, initial=0.0))
+        return np.maximum(inf_norm_host(u), inf_norm_host(v))
 
     w1, w23 = solve(r1, r23)
     size = norm(r1_, r23_)
