@@ -20,6 +20,7 @@ import oracles as O
 from alqp import Settings, Status, solve_qp
 from alqp.active_set import solve_active_set
 from alqp.problem import canonicalize
+from alqp.certify import Tolerance
 from alqp.solver import auto_engine
 
 FEASIBLE = {

@@ -251,8 +251,8 @@ def test_warm_start_not_tensor():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("eps_abs", 0.0),
         ("eps_abs", -1e-9),
+        ("eps_rel", NAN),
         ("eps_rel", -1.0),
         ("rho", 0.0),
         ("rho", -1.0),
@@ -274,6 +274,15 @@ def test_invalid_settings(field, value):
     with pytest.raises((ValueError, TypeError)) as info:
         Settings(**{field: value})
     assert field in str(info.value), str(info.value)
+
+
+def test_both_tolerances_zero_is_rejected():
+    """eps_abs = 0 is the default (the tolerance is relative); with eps_rel = 0 too nothing could
+    be certified, and the error names both."""
+    Settings(eps_abs=0.0)
+    Settings(eps_rel=0.0, eps_abs=1e-9)
+    with pytest.raises(ValueError, match="eps_abs and Settings.eps_rel"):
+        Settings(eps_abs=0.0, eps_rel=0.0)
 
 
 def test_valid_settings_are_accepted():

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from alqp.activity import closest_feasible_output
-from alqp.linalg import cholesky_solve_rows, inf_norm_host, vm, vm_host
+from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
+from alqp.linalg import cholesky_solve_rows, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
 
@@ -50,11 +51,14 @@ _DAQP_STATUS = {
     -4: Status.MAX_ITER,  # DAQP_EXIT_ITERLIMIT
 }
 # DAQP's primal tolerance (a row whose violation, on DAQP's normalized rows, exceeds it enters the
-# active set) and proximal tolerance: a tenth of the certification tolerance, within DAQP's default
-# (1e-6) and round-off.
-_INNER_TOL_FACTOR = 0.1
+# active set) and proximal tolerance: the relative certification tolerance, within DAQP's default
+# (1e-6) and round-off. A tenth of it (as before) made DAQP declare feasible Maros-Meszaros
+# problems infeasible (QBEACONF, QBORE3D, QPCBOEI2 at 1e-10; all three solve at 1e-9), so an
+# answer that misses the certification, or an infeasible verdict, is retried on a ladder of
+# tolerances (_TOL_LADDER: tighter first for a missed answer, looser for an infeasible verdict).
 _INNER_TOL_MAX = 1e-6
 _INNER_TOL_MIN = 1e-13
+_TOL_LADDER = {"tighter": (1e-2, 1e-4), "looser": (1e1, 1e2)}
 # The least-distance form (_LeastDistanceForm) takes a problem only where each Cholesky pivot of H
 # (and of the equality rows' Gram matrix) keeps this fraction of its row's diagonal entry: a row
 # within sin(angle) = 1e-5 of the span of the rows before it loses the digits the LDP needs, and
@@ -161,9 +165,8 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         H_zero[H_zero] = ~H[H_zero].reshape(int(H_zero.sum()), -1).any(axis=1)
     H_zero = H_zero.tolist()
 
-    finfo = torch.finfo(dtype)
-    tol = max(settings.eps_abs, 100 * finfo.eps)
-    inner_tol = min(max(_INNER_TOL_FACTOR * tol, _INNER_TOL_MIN), _INNER_TOL_MAX)
+    tol = resolve_tolerance(settings, dtype)
+    inner_tol = min(max(tol.activity, _INNER_TOL_MIN), _INNER_TOL_MAX)
     # primal_tol: the violation (of DAQP's normalized rows) beyond which a row enters the active
     # set; DAQP's default 1e-6 would stop on answers that the certification rejects. eta_prox:
     # the proximal iterations of a singular H stop once x moves less than eta_prox / eps_prox,
@@ -191,18 +194,17 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
             every = idx.size == B
             pick = lambda a: a if a.shape[0] == 1 or every else a[idx]  # noqa: E731
             certified[idx] = ok & _certify(pick(H), pick(g), pick(G), pick(lo), pick(hi), p, _rounded(x_l, dtype),
-                                           _rounded(w_l, dtype), tol, settings.eps_rel, finfo.eps)
-            # An infeasible verdict stands (the closest feasible QP below takes it); any other
-            # miss is retried in the problem's own form.
-            direct[idx] = ~certified[idx] & (flags_l != _DAQP_INFEASIBLE)
+                                           _rounded(w_l, dtype), tol)
+            # Any miss, an infeasible verdict too, is retried in the problem's own form, on the
+            # ladder of tolerances.
+            direct[idx] = ~certified[idx]
         for i in np.flatnonzero(direct):
-            x, _, flag, info = solve(None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
-                                     hi[i * su], lo[i * sl], sense, **options)
-            flags[i] = flag
-            iters[i] += info["iterations"]
+            data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
+            x, w, flag, its, ok = _solve_direct(solve, data, sense, p, options, tol, dtype)
+            flags[i], certified[i] = flag, ok
+            iters[i] += its
             if flag == _DAQP_OPTIMAL:
-                x_out[i] = x
-                w_out[i] = info["lam"]
+                x_out[i], w_out[i] = x, w
 
     shift_out = np.zeros((B, k))
     shifted = np.zeros(B, dtype=bool)
@@ -230,25 +232,15 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         # The answer is checked as it is returned: rounded to the input's dtype.
         x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
         solved = flags == _DAQP_OPTIMAL
-        recheck = np.flatnonzero(direct & solved & finite)
         certified &= finite
-        if recheck.size:
-            pick = lambda a: a if a.shape[0] == 1 else a[recheck]  # noqa: E731
-            certified[recheck] = _certify(pick(H), pick(g), pick(G), pick(lo), pick(hi), p, x_out[recheck],
-                                          w_out[recheck], tol, settings.eps_rel, finfo.eps)
         if shifted.any():
             idx = np.flatnonzero(shifted)
             pick = lambda a: a if a.shape[0] == 1 else a[idx]  # noqa: E731
             s_i, x_i = shift_out[idx], x_out[idx]
-            # The shifted QP solved, and the shift the least-squares one: it is x's own violation
-            # of the original rows, and G's = 0 (DESIGN section 2).
-            Gx = vm_host(x_i, pick(G).transpose(0, 2, 1)) if k else np.zeros((idx.size, 0))
-            violation = Gx - np.clip(Gx, pick(lo), pick(hi))
-            G_scale = np.abs(pick(G)).max(axis=(-2, -1), initial=0.0)
-            shift_ok = ((inf_norm_host(violation - s_i) <= tol)
-                        & (inf_norm_host(vm_host(s_i, pick(G))) <= tol * np.maximum(1.0, G_scale)))
-            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol,
-                          settings.eps_rel, finfo.eps)
+            # The shifted QP solved, and the shift the least-squares one (alqp.certify).
+            t = torch.from_numpy
+            shift_ok = shift_optimal(t(pick(G)), t(pick(lo)), t(pick(hi)), t(x_i), t(s_i), tol).numpy()
+            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol)
             shifted[idx] = ok & shift_ok
 
         status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
@@ -270,7 +262,7 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         sub = problem.select(idx)
         shift[idx], w_t[idx] = closest_feasible_output(
             sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x_t[idx], w_t[idx],
-            torch.from_numpy(shift_out).to(**out).index_select(0, idx), tol, polish=False)
+            torch.from_numpy(shift_out).to(**out).index_select(0, idx), tol.activity, polish=False)
     solution = QPSolution(
         x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
         status=_device_tensor(status, torch.int64, device), iterations=_device_tensor(iters, torch.int64, device),
@@ -395,12 +387,18 @@ class _LeastDistanceForm:
         iters = np.ones(idx.size, dtype=np.int64)
         if m:
             for j, i in enumerate(idx):
-                u_j, _, flag, info = solve(None, None, self.R[i * sR], self.hi[i], self.lo[i], sense, **options)
+                R_i, lo_i, hi_i = self.R[i * sR], self.lo[i], self.hi[i]
+                # u = kappa v, z = kappa lam: DAQP solves for v, whose bounds (on its normalized
+                # rows) have size one, so that its absolute tolerances are relative ones. (The
+                # bounds scale as sqrt of the data's units here: an LDP of data times 1e-12 had
+                # bounds of 1e-6 against a primal tolerance of 1e-9.)
+                kappa = _ldp_scale(R_i, lo_i, hi_i)
+                v_j, _, flag, info = solve(None, None, R_i, hi_i / kappa, lo_i / kappa, sense, **options)
                 flags[j] = flag
                 iters[j] += info["iterations"]
                 if flag == _DAQP_OPTIMAL:
-                    u_out[j] = u_j
-                    z_out[j] = info["lam"]
+                    u_out[j] = kappa * v_j
+                    z_out[j] = kappa * info["lam"]
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
         take = lambda t: t if t.shape[0] == 1 or every else t.index_select(0, rows)  # noqa: E731
@@ -411,6 +409,16 @@ class _LeastDistanceForm:
         # y = -S^-1 (b~ + M_A M_C'z) = y_A - K z.
         y = take(self.y_A) - vm(z_t, take(f.K).mT) if f.S_factor.shape[-1] else z_t.new_zeros(idx.size, 0)
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
+
+
+def _ldp_scale(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """The size of the least-distance problem lo <= R u <= hi (R (m,n)): the largest finite bound
+    over its row's norm (the distance of that bound's hyperplane from 0), 1 when there is none."""
+    norms = np.sqrt(np.einsum("ij,ij->i", R, R))
+    bound = np.maximum(np.where(np.isfinite(lo), np.abs(lo), 0.0), np.where(np.isfinite(hi), np.abs(hi), 0.0))
+    ratio = np.where(norms > 0, bound / np.where(norms > 0, norms, 1.0), 0.0)
+    kappa = float(ratio.max(initial=0.0))
+    return kappa if kappa > 0 and np.isfinite(kappa) else 1.0
 
 
 def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[LeastDistanceFactor]:
@@ -494,44 +502,66 @@ def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):
 
 
 def _certify(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: int,
-             x: np.ndarray, w: np.ndarray, eps_abs: float, eps_rel: float, machine_eps: float) -> np.ndarray:
-    """(B,) True where (x, w = [y; z]) solves the QP to the tolerance, by the residuals of
-    :func:`alqp.solver._residuals` in the caller's units (its scalings R, D, c all 1):
+             x: np.ndarray, w: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """(B,) True where (x, w = [y; z]) meets ``tol`` on the problem: :mod:`alqp.certify`'s primal,
+    dual and duality-gap residuals, on host arrays (float64, batched (B, ...) or shared (leading
+    dimension 1); torch views of them, no copies)."""
+    t = torch.from_numpy
+    return residuals(t(H), t(g), t(G), t(lo), t(hi), p, t(x), t(w)).meets(tol).numpy()
 
-        primal:   |G x - clip(G x, lo, hi)|         (A x = b and l <= C x <= u)
-        natural:  |G x - clip(G x + w, lo, hi)|     (also complementarity and signs: zero exactly
-                                                     when x is feasible, z_i > 0 only at u_i and
-                                                     z_i < 0 only at l_i)
-        dual:     |H x + g + A'y + C'z|
 
-    in the infinity norm. primal and natural must be within eps_abs + eps_rel * max(|G x|, |b|),
-    dual within eps_abs + eps_rel * max(|H x|, |g|, |G'w|) + 10 eps (|H||x| + |G'||w|), the last
-    term bounding the round-off of computing it, as the ALM allows (it matters for float32, whose
-    rounded x alone leaves a dual residual of about eps |H||x|).
+def _solve_direct(solve, data: tuple, sense: np.ndarray, p: int, options: dict, tol: Tolerance,
+                  dtype: torch.dtype) -> tuple:
+    """One problem in its own form, (H or None for an LP, g, G, lo, hi), on DAQP's tolerance
+    ladder: a certified answer ends it; an answer that misses the tolerance is retried with a
+    tighter primal tolerance, an infeasible verdict with a looser one (DAQP's feasibility test at a
+    tolerance near round-off can fail on a feasible problem). The data go to DAQP scaled
+    (:func:`_direct_scaling`), so that its absolute tolerances mean the same at every scale.
 
-    Arrays are float64, batched (B, ...) or shared (leading dimension 1), and it all runs in numpy
-    (a fraction of torch's per-call cost at small B; its stacked products are as fast at B = 100).
+    Returns:
+        x (n,), w (k,), DAQP's flag of the answer kept, its iterations summed over the tries, and
+        whether that answer is certified (on the unscaled data, as rounded to ``dtype``).
     """
-    k = G.shape[-2]
-    Hx = vm_host(x, H)  # H symmetric
-    Gx = vm_host(x, G.transpose(0, 2, 1)) if k else np.zeros((x.shape[0], 0))
-    Gw = vm_host(w, G) if k else np.zeros_like(x)
-    primal = inf_norm_host(Gx - np.clip(Gx, lo, hi))
-    natural = inf_norm_host(Gx - np.clip(Gx + w, lo, hi))
-    dual = inf_norm_host(Hx + g + Gw)
-    eps_p = eps_d = eps_abs
-    if eps_rel > 0:
-        eps_p = eps_abs + eps_rel * np.maximum(inf_norm_host(Gx), inf_norm_host(lo[:, :p]))
-        eps_d = eps_abs + eps_rel * np.maximum(np.maximum(inf_norm_host(Hx), inf_norm_host(g)), inf_norm_host(Gw))
-    ok = (primal <= eps_p) & (natural <= eps_p)
-    dual_ok = dual <= eps_d
-    # The round-off bound costs a pass over |H| and |G|: only for the problems that need it.
-    retry = np.flatnonzero(ok & ~dual_ok)
-    if retry.size:
-        pick = lambda a: a if a.shape[0] == 1 else a[retry]  # noqa: E731
-        roundoff = vm_host(np.abs(x[retry]), np.abs(pick(H)))
-        if k:
-            roundoff = roundoff + vm_host(np.abs(w[retry]), np.abs(pick(G)))
-        eps_retry = eps_d if np.isscalar(eps_d) else eps_d[retry]
-        dual_ok[retry] = dual[retry] <= eps_retry + 10 * machine_eps * inf_norm_host(roundoff)
-    return ok & dual_ok
+    H, g, G, lo, hi = data
+    Hs, gs, Gs, los, his, cost, rows = _direct_scaling(H, g, G, lo, hi)
+    base = options["primal_tol"]
+    iterations = 0
+    first = None
+    tries = [base]
+    while tries:
+        primal_tol = tries.pop(0)
+        x, _, flag, info = solve(Hs, gs, Gs, his, los, sense, **dict(options, primal_tol=primal_tol))
+        iterations += info["iterations"]
+        ok = False
+        if flag == _DAQP_OPTIMAL:
+            x = _rounded(x[None], dtype)[0]
+            w = _rounded((np.asarray(info["lam"]) * cost / rows)[None], dtype)[0]
+            ok = bool(_certify(H[None] if H is not None else np.zeros((1,) + 2 * x.shape), g[None], G[None],
+                               lo[None], hi[None], p, x[None], w[None], tol)[0]) and np.isfinite(w).all()
+        answer = (x, w, flag) if flag == _DAQP_OPTIMAL else (None, None, flag)
+        if first is None or ok:
+            first = answer
+        if ok:
+            return x, w, flag, iterations, True
+        if primal_tol == base:  # the ladder's direction is set by the first verdict
+            side = "looser" if flag == _DAQP_INFEASIBLE else "tighter" if flag == _DAQP_OPTIMAL else None
+            if side is not None:
+                tries = [min(max(base * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for f in _TOL_LADDER[side]]
+                tries = [t for t in dict.fromkeys(tries) if t != base]
+    x, w, flag = first
+    return x, w, flag, iterations, False
+
+
+def _direct_scaling(H, g, G, lo, hi):
+    """The problem as DAQP gets it in its own form: the cost divided by its size (H and g by
+    max(|H|, |g|)) and each row by its largest entry, so that DAQP's absolute tolerances act on
+    quantities of size one whatever the data's units (x is unchanged; the multipliers are
+    w = lam * cost / rows).
+
+    Returns:
+        H, g, G, lo, hi scaled, and the factors ``cost`` (float) and ``rows`` (k,)."""
+    cost = max(np.abs(H).max(initial=0.0) if H is not None else 0.0, np.abs(g).max(initial=0.0))
+    cost = cost if cost > 0 else 1.0
+    rows = np.abs(G).max(axis=-1, initial=0.0)
+    rows = np.where(rows > 0, rows, 1.0)
+    return (None if H is None else H / cost, g / cost, G / rows[:, None], lo / rows, hi / rows, cost, rows)

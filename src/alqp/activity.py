@@ -9,21 +9,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from alqp.certify import resolve_tolerance
 from alqp.linalg import inf_norm, project_out_row_range, vm
 from alqp.settings import Settings
 
 
 def activity_tol(dtype: torch.dtype, settings: Optional[Settings] = None) -> float:
     """Relative tolerance that separates active (or shifted) rows from the others: the solver's own
-    accuracy eps = max(eps_abs, 100 finfo.eps) (1e-9 for the float64 default, 1.2e-5 in float32).
+    accuracy (:attr:`alqp.certify.Tolerance.activity`: 1e-9 for the float64 default, 1.2e-5 in
+    float32).
 
     A row the solver left within eps of a bound, or with a multiplier above eps, is active. A
     coarser tolerance (sqrt(eps) was tried) pins rows whose slack is small but real, e.g. the
     entries of x >= 0 that are small and positive in OptNet's Sudoku QP, and biases the gradient:
     53% relative error there at eps_abs = 1e-6, against 1.7e-5 with eps.
     """
-    settings = settings or Settings()
-    return max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
+    return resolve_tolerance(settings or Settings(), dtype).activity
 
 
 def row_tolerance(M: Tensor, lo: Tensor, hi: Tensor, x: Tensor, tol: float, abs_M: Optional[Tensor] = None,
@@ -153,4 +154,24 @@ def closest_feasible_output(H: Tensor, g: Tensor, A: Tensor, b: Tensor, C: Tenso
     is_eq = torch.arange(G.shape[-2], device=x.device) < p
     if polish:
         mult = polish_multipliers(H, g, G, x, mult, is_eq)
-    return s, closest_feasible_multipliers(G, rows, mult, s, is_eq)
+    mult = closest_feasible_multipliers(G, rows, mult, s, is_eq)
+    # The choice moves the multipliers along s, which is in null(G_V') only to the solver's
+    # accuracy, by t (up to thousands): stationarity lost up to 1e-8 relative there. One
+    # minimum-norm correction on the rows that carry a multiplier restores it and moves them by
+    # no more than the residual it removes.
+    return s, correct_stationarity(H, g, G, x, mult, is_eq)
+
+
+def correct_stationarity(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor, is_eq: Tensor) -> Tensor:
+    """mult + d, d the smallest correction on the rows that carry a multiplier (w_i != 0, and
+    the equality rows) that minimizes |H x + g + G'(mult + d)|, kept where it lowers that residual
+    and flips no inequality multiplier's sign. Shapes as :func:`polish_multipliers`; float64 inside."""
+    out_dtype = mult.dtype
+    H, g, G, x, mult = (t.double() for t in (H, g, G, x, mult))
+    rows = (mult != 0) | is_eq
+    residual = vm(x, H.transpose(-1, -2)) + g + vm(mult, G)
+    GJt = (rows.unsqueeze(-1) * G).transpose(-1, -2)  # (B,n,k)
+    corrected = mult - vm(residual, torch.linalg.pinv(GJt, rtol=1e-12).transpose(-1, -2))
+    flipped = (~is_eq & (corrected * mult < 0)).any(-1)
+    better = ~flipped & (inf_norm(vm(x, H.transpose(-1, -2)) + g + vm(corrected, G)) < inf_norm(residual))
+    return torch.where(better.unsqueeze(-1), corrected, mult).to(out_dtype)

@@ -114,6 +114,7 @@ import torch
 from torch import Tensor
 
 from alqp.activity import activity_tol, shifted_rows
+from alqp.certify import resolve_tolerance
 from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status
@@ -358,7 +359,7 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         # the solver's tolerance, so the difference is zero, not a gradient. Worth a warning only
         # where the perturbation of the residuals, tau |incoming|, is well above that tolerance
         # (an incoming gradient at round-off level, e.g. from a loss already at its minimum, is not).
-        eps_eff = max(settings.eps_abs, 100 * torch.finfo(dtype).eps)
+        eps_eff = resolve_tolerance(settings, dtype).activity
         size = _row_max((g_x, g_y, g_z), idx.numel())
         still = (re.iterations.view(k, -1) == 0).any(0) & re_ok & (tau_ * size > 10 * eps_eff)
         if bool(still.any()):

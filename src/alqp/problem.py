@@ -240,7 +240,7 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
 
     Each sweep divides every column and row by the square root of its infinity norm, which drives
     all of them toward 1; the sweeps stop early once every norm is within ``tol`` of 1. With
-    ``scale_rows=False`` only the columns (and the cost) are scaled.
+    ``scale_rows=False`` all rows of a problem share one factor (from the largest row norm).
 
     Returns:
         The scaled problem (same shapes) and its :class:`Scaling`.
@@ -267,8 +267,16 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
         for M in (absA, absC):
             if M is not None and n > 0:
                 col = torch.maximum(col, M.amax(dim=-2))
-        rowA = absA.amax(dim=-1) if scale_rows and absA is not None and n > 0 else None
-        rowC = absC.amax(dim=-1) if scale_rows and absC is not None and n > 0 else None
+        rowA = absA.amax(dim=-1) if absA is not None and n > 0 else None
+        rowC = absC.amax(dim=-1) if absC is not None and n > 0 else None
+        if not scale_rows:
+            # One factor for all rows: it keeps the metric in which the closest feasible shift
+            # is the least-squares one (up to that factor), and still brings rows of any units
+            # to size one (an unscaled row of size 1e-12 left the ALM's penalties meaningless).
+            rows = [v.amax(-1, keepdim=True) for v in (rowA, rowC) if v is not None and v.shape[-1] > 0]
+            uniform = torch.cat(rows, -1).amax(-1, keepdim=True) if rows else None
+            rowA = uniform.expand_as(rowA) if rowA is not None and uniform is not None else rowA
+            rowC = uniform.expand_as(rowC) if rowC is not None and uniform is not None else rowC
         norms = [v for v in (col, rowA, rowC) if v is not None and v.numel() > 0]
         if norms and max(float(((v - 1).abs() * (v > tiny)).amax()) for v in norms) <= tol:
             break
@@ -293,6 +301,18 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
         c = torch.where(torch.maximum(mean_col, gnorm) > tiny, c, torch.ones_like(c))
     else:
         c = H.new_ones(B)
+    if iterations > 0:
+        # The matrices are equilibrated; the vectors are not, and a problem in other units (all
+        # of its data times 1e9, say) would leave b, l, u, g and x far from size one, where the
+        # ALM's absolute penalties and targets lose their meaning. One more factor beta per
+        # problem, x_s -> x_s / beta, divides b, l, u and g by beta and leaves H, A, C as they
+        # are (D beta, E / beta, F / beta, c / beta^2); beta is the size of the bounds, or of
+        # g where no bound is finite.
+        beta = _vector_size(E * b, F * l, F * u)
+        beta = torch.where(beta > tiny, beta, (c * gs.abs().amax(-1) if n > 0 else beta).clamp_min(0.0))
+        beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
+        D, E, F, c = D * beta.unsqueeze(-1), E / beta.unsqueeze(-1), F / beta.unsqueeze(-1), c / (beta * beta)
+        gs = D * g
     scaled = replace(
         problem,
         H=(H * (c.unsqueeze(-1) * D).unsqueeze(-1)).mul_(D.unsqueeze(-2)),
@@ -304,3 +324,9 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
         u=F * u,
     )
     return scaled, Scaling(D=D, E=E, F=F, c=c)
+
+
+def _vector_size(*vectors: Tensor) -> Tensor:
+    """(B,) the largest finite |entry| of (B,k) vectors (0 where there is none)."""
+    sizes = [torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v)).amax(-1) for v in vectors if v.shape[-1]]
+    return torch.stack(sizes).amax(0) if sizes else vectors[0].new_zeros(vectors[0].shape[0])

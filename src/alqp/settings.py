@@ -19,6 +19,9 @@ class Status(enum.IntEnum):
     STALLED: no progress for ``Settings.stall_iter`` outer iterations (no residual halved, no
         penalty change, no move to the closest feasible QP): the problem was stopped so that it
         does not hold the batch; x, y, z are its last iterate and get no gradient.
+    INACCURATE: the best answer found misses the asked tolerance, but only by what round-off in
+        the data's dtype allows to compute (:func:`alqp.certify.roundoff_floor`): the tolerance is
+        unreachable for this problem, not merely unreached. x, y, z are that answer; no gradient.
     """
 
     SOLVED = 0
@@ -28,6 +31,7 @@ class Status(enum.IntEnum):
     DUAL_INFEASIBLE = 4
     NUMERICAL_ERROR = 5
     STALLED = 6
+    INACCURATE = 7
 
 
 @dataclass
@@ -35,10 +39,13 @@ class Settings:
     """Settings of the forward solver (and of LPGD's re-solve).
 
     Attributes:
-        eps_abs: absolute tolerance on the primal and dual residuals (infinity norm, original units).
-            The effective tolerance is never below ``100 * finfo(dtype).eps`` so that float32 can meet
-            it: 1e-9 for float64 means about 1.2e-5 for float32.
-        eps_rel: relative tolerance, multiplied by the largest norm of the terms of each residual.
+        eps_abs: absolute tolerance on the primal, dual and duality-gap residuals (infinity norm,
+            the caller's units). 0 by default, so that the test is scale-free.
+        eps_rel: relative tolerance, multiplied by the largest norm of the terms of each residual:
+            SOLVED means residual <= eps_abs + eps_rel * (size of its terms) for all three
+            (:mod:`alqp.certify`). A nonzero tolerance is never below ``100 * finfo(dtype).eps``,
+            so that float32 can meet it: 1e-9 means about 1.2e-5 for float32. Also the relative
+            tolerance that tells active rows from inactive ones in the backward.
         max_iter: maximum number of outer (multiplier) iterations.
         max_inner_iter: maximum number of semi-smooth Newton steps within one outer iteration.
         stall_iter: a problem that makes no progress for this many outer iterations in a row
@@ -69,8 +76,8 @@ class Settings:
             (or where daqp is not installed).
     """
 
-    eps_abs: float = 1e-9
-    eps_rel: float = 0.0
+    eps_abs: float = 0.0
+    eps_rel: float = 1e-9
     max_iter: int = 1000
     max_inner_iter: int = 50
     stall_iter: int = 50
@@ -86,11 +93,15 @@ class Settings:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("eps_abs", "rho", "mu_eq", "mu_in", "eps_dual_inf"):
+        for name in ("rho", "mu_eq", "mu_in", "eps_dual_inf"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Settings.{name} must be positive, got {getattr(self, name)!r}")
-        if self.eps_rel < 0:
-            raise ValueError(f"Settings.eps_rel must be non-negative, got {self.eps_rel!r}")
+        for name in ("eps_abs", "eps_rel"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"Settings.{name} must be non-negative, got {getattr(self, name)!r}")
+        if not self.eps_abs + self.eps_rel > 0:
+            raise ValueError("Settings.eps_abs and Settings.eps_rel are both 0: no answer could be certified; "
+                             "give at least one a positive value")
         if self.mu_min is not None and not self.mu_min > 0:
             raise ValueError(f"Settings.mu_min must be positive or None, got {self.mu_min!r}")
         if not 0 < self.mu_update_factor < 1:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from alqp.activity import activity_tol, closest_feasible_output
+from alqp.activity import closest_feasible_output, polish_multipliers
+from alqp.certify import measure, resolve_tolerance, roundoff_floor, shift_optimal, solution_meets
+from alqp.certify import residuals as certify_residuals
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
 from alqp.settings import Settings, Status
@@ -165,9 +167,25 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
             return solution, factor
         rest = (~certified).nonzero().squeeze(-1)
         ws = None if ws is None else [t.index_select(0, rest) for t in ws]
-        fallback = solve_alm(problem.select(rest), settings, ws)
+        fallback = _certified(problem.select(rest), solve_alm(problem.select(rest), settings, ws), settings)
         return QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback))), factor
-    return solve_alm(problem, settings, warm_start), None
+    return _certified(problem, solve_alm(problem, settings, warm_start), settings), None
+
+
+def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> QPSolution:
+    """The ALM's answers as the caller gets them, re-checked by :func:`alqp.certify.solution_meets`
+    (the ALM stops on the same residuals, but its answer is then unscaled, rounded and, for a
+    closest-feasible QP, given alqp's choice of multipliers): a SOLVED or CLOSEST_FEASIBLE answer
+    that misses the tolerance becomes INACCURATE where round-off explains it, else MAX_ITER."""
+    tol = resolve_tolerance(settings, problem.H.dtype)
+    ok = solution_meets(problem, solution, tol)
+    claimed = (solution.status == int(Status.SOLVED)) | (solution.status == int(Status.CLOSEST_FEASIBLE))
+    wrong = claimed & ~ok
+    if not bool(wrong.any()):
+        return solution
+    status = torch.where(wrong, int(Status.MAX_ITER), solution.status)
+    _mark_inaccurate(problem, solution.x, torch.cat([solution.y, solution.z], -1), status, problem.H.dtype)
+    return solution._replace(status=status)
 
 
 def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
@@ -175,9 +193,7 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
     dtype, device = problem.H.dtype, problem.H.device
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
     k = p + m
-    finfo = torch.finfo(dtype)
-    eps_abs = max(settings.eps_abs, 100 * finfo.eps)
-    eps_rel = settings.eps_rel
+    tol = resolve_tolerance(settings, dtype)
     mu_min = settings.mu_min if settings.mu_min is not None else (1e-9 if dtype == torch.float64 else 1e-6)
     rho = settings.rho
     is_eq = torch.arange(k, device=device) < p
@@ -265,14 +281,18 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
         shifted = (st == Status.CLOSEST_FEASIBLE) | (st == Status.PRIMAL_INFEASIBLE)
         if bool(shifted.any()):
             sidx, x = idx[shifted], x[shifted]
-            # Violation of the original constraints: the shift applied so far plus what remains;
-            # on the rows that are not really shifted that is round-off, reported as 0.
-            s = (r[leaving] + w.shift[leaving] / w.R[leaving])[shifted]
+            # The violation of the original constraints (DESIGN section 2: s = G x - clip(G x));
+            # on the rows that are not really shifted that is round-off, reported as 0. (Not the
+            # shift applied plus what remains: a row left just inside its shifted bound has a
+            # violation a little smaller than that shift.)
+            Gx_l = vm(w.x[leaving], w.GT[leaving])
+            lo0, hi0 = w.lo[leaving] - w.shift[leaving], w.hi[leaving] - w.shift[leaving]
+            s = ((Gx_l - torch.clamp(Gx_l, lo0, hi0)) / w.R[leaving])[shifted]
             # The multipliers of the shifted rows are not unique: report alqp's choice, which the
             # backward differentiates (alqp.activity).
             sub = problem.select(sidx)
             out_s[sidx], out_w[sidx] = closest_feasible_output(
-                sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x, mult[shifted], s, activity_tol(dtype, settings),
+                sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x, mult[shifted], s, tol.activity,
                 polish=True)
         out_status[idx] = st
         out_iter[idx] = w.iterations[leaving]
@@ -321,27 +341,66 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
 
     for outer in range(settings.max_iter + 1):
         Hx, Gx = _H_times(w.x, w.H, structure), vm(w.x, w.GT)
-        primal, natural, dual, infeas, pscale, dscale, roundoff, r = _residuals(w, is_eq, Hx, Gx)
-        eps_p = eps_abs + eps_rel * pscale
-        # The dual residual cannot be computed more accurately than its round-off bound.
-        eps_d = eps_abs + eps_rel * dscale + 10 * finfo.eps * roundoff
-        solved = (natural <= eps_p) & (dual <= eps_d)
+        res, infeas, r, cost_scale = _residuals(w, p, Hx, Gx)
+        primal, dual = res.primal, res.dual
+        eps_p, eps_d = tol.bound(res.primal_scale), tol.bound(res.dual_scale)
+        # The tolerances in scaled units (a primal residual r is r R there, a dual one r c D), the
+        # floors of the BCL target and of the inner tolerance below. The inner floor is relative to
+        # the cost's terms only: |G'w| grows without bound on an infeasible QP, and a floor that
+        # grew with it stopped the inner solves short of the closest feasible point.
+        floor_p = 0.1 * eps_p * w.R.amin(-1) if k else 0.1 * eps_p
+        floor_d = 0.1 * tol.bound(cost_scale) * w.c * w.D.amin(-1)
+        # The one certification (alqp.certify): primal, dual and duality gap, caller units.
+        solved = res.meets(tol)
+        solved = solved | _polish_multipliers(w, problem, res, solved, eps_p, eps_d, tol)
         at_floor = at_penalty_floor(w)
+        # Infeasibility is detected by heuristics calibrated on data of size one, with the
+        # tolerance as an absolute threshold (`detect`): they decide when to look for a shift,
+        # never a status (a shifted answer is certified like any other).
+        detect = tol.activity
         # At the floor the stationarity of the shift holds to O(mu) (the penalty bias); the
         # projection in reshift() removes what is left, so a relative test suffices here.
-        stationary = infeas <= eps_p + 1e-6 * primal
+        stationary = infeas <= detect + 1e-6 * primal
         # At a floor mu that is not tiny the O(mu) bias can keep `infeas` above that test for ever;
         # a primal residual that no longer falls at the floor is the other sign of infeasibility.
         # (Only once the violation is nearly stationary: a stall far from the closest feasible
         # point would project a wrong shift.)
-        stalled = (primal > eps_p) & (primal >= 0.9 * w.primal_prev) & (infeas <= 0.1 * primal)
+        stalled = (primal > detect) & (primal >= 0.9 * w.primal_prev) & (infeas <= 0.1 * primal)
         w.primal_prev = primal
-        residuals = torch.stack([natural, dual, infeas], -1)
+        residuals = torch.stack([primal, dual, infeas], -1)
         progress = (residuals < 0.5 * w.best).any(-1)
         w.best = torch.where(progress.unsqueeze(-1), torch.minimum(w.best, residuals), w.best)
         w.since_progress = torch.where(progress, 0, w.since_progress + 1)
-        infeasible = ~solved & at_floor & (primal > eps_p) & (stationary | stalled) & (dual <= 10 * eps_d)
+        infeasible = ~solved & at_floor & (primal > detect) & (stationary | stalled)
+        if bool(infeasible.any()):
+            # Dual stationarity of an infeasible QP at the penalty floor: its multipliers are
+            # residuals over mu and grow without bound, so its dual residual is only known up
+            # to their round-off (_multiplier_roundoff). This decides only that the problem is
+            # infeasible; its answer is certified later, on the shifted QP, without this allowance.
+            allowance = detect + 10 * torch.finfo(dtype).eps * _multiplier_roundoff(w, is_eq)
+            infeasible = infeasible & (dual <= 10 * allowance)
         was_shifted = (w.shift != 0).any(-1)
+        wrong_shift = solved & was_shifted
+        if bool(wrong_shift.any()):
+            # A shift taken before x reached the closest feasible point is not the least-squares
+            # one, and its QP then solves to a wrong answer: that problem goes back to its own
+            # constraints, from where it is, and looks for its shift again.
+            idx = wrong_shift.nonzero().squeeze(-1)
+            lo0, hi0 = w.lo[idx] - w.shift[idx], w.hi[idx] - w.shift[idx]
+            Gx0 = Gx[idx]
+            wrong_shift[idx] = ~shift_optimal(w.G[idx], lo0, hi0, w.x[idx], Gx0 - torch.clamp(Gx0, lo0, hi0), tol)
+            if bool(wrong_shift.any()):
+                undo = wrong_shift.nonzero().squeeze(-1)
+                w.lo[undo] -= w.shift[undo]
+                w.hi[undo] -= w.shift[undo]
+                w.shift[undo] = 0.0
+                w.primal_prev = w.primal_prev.index_fill(0, undo, float("inf"))  # (not in place: it is `primal`)
+                w.best[undo] = float("inf")
+                w.since_progress[undo] = 0
+                for name, v in fresh_penalties(undo.numel(), w.x).items():
+                    getattr(w, name)[undo] = v
+                solved = solved & ~wrong_shift
+                was_shifted = was_shifted & ~wrong_shift
         status = torch.where(solved & ~was_shifted, int(Status.SOLVED), int(Status.CLOSEST_FEASIBLE))
         bad = ~(torch.isfinite(w.x).all(-1) & torch.isfinite(primal) & torch.isfinite(dual))
         status = torch.where(bad, int(Status.NUMERICAL_ERROR), status)
@@ -368,7 +427,7 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
             if bool(w.done.all()):
                 break
             if kept is not None:
-                Hx, Gx = Hx[kept], Gx[kept]
+                Hx, Gx, floor_p, floor_d = Hx[kept], Gx[kept], floor_p[kept], floor_d[kept]
 
         # Inner problem: minimize the proximal augmented Lagrangian at fixed multipliers.
         x_prev = w.x
@@ -389,12 +448,9 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
         w.mult = torch.where(accept.unsqueeze(-1), mult_new, w.mult)
         mu_in_next = torch.where(accept, w.mu_in, (w.mu_in * settings.mu_update_factor).clamp_min(mu_min))
         mu_eq_next = torch.where(accept, w.mu_eq, (w.mu_eq * settings.mu_update_factor).clamp_min(mu_min))
-        # The floor keeps a target that round-off already meets from stiffening the penalties.
-        w.eta_ext = torch.where(accept, w.eta_ext * w.mu_in ** 0.9, 1e-1 * mu_in_next ** 0.1).clamp_min(eps_abs)
-        # The inner tolerance is on the scaled gradient; its floor maps eps_abs into scaled units
-        # (a dual residual r_s is r_s / (c D) in the caller's units).
-        eta_floor = 0.1 * eps_abs * w.c * w.D.amin(-1)
-        w.eta_in = torch.maximum(torch.where(accept, w.eta_in * w.mu_in, mu_in_next), eta_floor)
+        # The floors keep a target that the certification already meets from stiffening the penalties.
+        w.eta_ext = torch.maximum(torch.where(accept, w.eta_ext * w.mu_in ** 0.9, 1e-1 * mu_in_next ** 0.1), floor_p)
+        w.eta_in = torch.maximum(torch.where(accept, w.eta_in * w.mu_in, mu_in_next), floor_d)
         w.since_progress = torch.where((mu_in_next != w.mu_in) | (mu_eq_next != w.mu_eq), 0, w.since_progress)
         w.mu_in, w.mu_eq = mu_in_next, mu_eq_next
 
@@ -402,13 +458,61 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
         broken = ~inner_ok & ~w.done
         if (unbounded | broken).any():
             Hx, Gx = _H_times(w.x, w.H, structure), vm(w.x, w.GT)
-            r = _residuals(w, is_eq, Hx, Gx)[-1]
+            r = _residuals(w, p, Hx, Gx)[2]
             status = torch.where(unbounded, int(Status.DUAL_INFEASIBLE), int(Status.NUMERICAL_ERROR))
             w, _ = finish(w, unbounded | broken, status, r)
             if bool(w.done.all()):
                 break
 
+    _mark_inaccurate(problem, out_x, out_w, out_status, dtype)
     return QPSolution(out_x, out_w[:, :p], out_w[:, p:], out_s[:, :p], out_s[:, p:], out_status, out_iter)
+
+
+def _polish_multipliers(w: _Work, problem: QPProblem, res, solved: Tensor, eps_p: Tensor, eps_d: Tensor,
+                        tol) -> Tensor:
+    """(B,) True where refitted multipliers certify a working problem that x already solves.
+
+    The ALM's multipliers are residuals over the penalty, so their round-off grows as 1/mu: in
+    float32 a feasible x with the right active set left a dual residual of 1e-3 relative where
+    1.2e-5 was asked. For problems whose x is feasible and whose dual residual is within a factor
+    1e3 of the tolerance, the multipliers are refitted on their active rows
+    (:func:`alqp.activity.polish_multipliers`, float64) and kept, in ``w.mult_cur``, where the
+    refit passes the one certification (on the shifted QP of a shifted problem, whose multipliers
+    get alqp's choice when it leaves)."""
+    candidates = ~solved & ~w.done & (res.primal <= eps_p) & (res.dual <= 1e3 * eps_d)
+    out = torch.zeros_like(solved)
+    if not bool(candidates.any()):
+        return out
+    idx = candidates.nonzero().squeeze(-1)
+    sub = problem.select(w.index[idx])
+    p = sub.p
+    G = torch.cat([sub.A, sub.C], -2)
+    is_eq = torch.arange(G.shape[-2], device=G.device) < p
+    R, c = w.R[idx], w.c[idx].unsqueeze(-1)
+    x = w.x[idx] * w.D[idx]
+    refit = polish_multipliers(sub.H, sub.g, G, x, w.mult_cur[idx] * R / c, is_eq)
+    lo, hi = w.lo[idx] / R, w.hi[idx] / R  # caller units, with the shift of a shifted problem
+    ok = certify_residuals(sub.H.double(), sub.g.double(), G.double(), lo.double(), hi.double(), p, x.double(),
+                           refit.double()).meets(tol)
+    if bool(ok.any()):
+        keep = idx[ok]
+        w.mult_cur[keep] = refit[ok] * c[ok] / R[ok]
+        out[keep] = True
+    return out
+
+
+def _mark_inaccurate(problem: QPProblem, x: Tensor, w: Tensor, status: Tensor, dtype: torch.dtype) -> None:
+    """Problems that ran out of iterations or stalled with an answer already at the round-off floor
+    of its residuals (:func:`alqp.certify.roundoff_floor`) get INACCURATE, in place: their tolerance
+    was unreachable, not unreached."""
+    candidates = ((status == int(Status.MAX_ITER)) | (status == int(Status.STALLED))).nonzero().squeeze(-1)
+    if candidates.numel() == 0:
+        return
+    sub = problem.select(candidates)
+    G = torch.cat([sub.A, sub.C], -2)
+    floor = roundoff_floor(sub.H, sub.g, G, torch.cat([sub.b, sub.l], -1), torch.cat([sub.b, sub.u], -1), sub.p,
+                           x[candidates], w[candidates], dtype)
+    status[candidates[floor]] = int(Status.INACCURATE)
 
 
 class _Structure(NamedTuple):
@@ -423,41 +527,41 @@ def _H_times(v: Tensor, H: Tensor, structure: _Structure) -> Tensor:
     return torch.zeros_like(v) if structure.zero_H else vm(v, H)
 
 
-def _residuals(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor):
+def _residuals(w: _Work, p: int, Hx: Tensor, Gx: Tensor):
     """Residuals in the caller's units (not the scaled ones), at (x, mult_cur).
 
     Returns:
-        primal (B,): violation |G x - clip(G x, lo, hi)|, infinity norm.
-        natural (B,): |G x - clip(G x + mult, lo, hi)|: zero exactly when x is feasible and the
-            multipliers are complementary (a row strictly inside its bounds has none).
-        dual (B,): |H x + g + A'y + C'z|.
+        :class:`alqp.certify.Residuals` of the working problems (of their shifted QPs once
+        shifted), by the one certification every engine uses;
         infeas (B,): |A'(A x - b) + C'(C x - clip)|, the gradient of the squared violation (zero
-            at the closest feasible point).
-        primal_scale, dual_scale (B,): the largest term of each residual (for eps_rel).
-        roundoff (B,): a bound on the round-off error of the computed dual residual.
-        r (B,k): the violation of each row (caller units).
+            at the closest feasible point);
+        r (B,k): the violation of each row (caller units);
+        cost_scale (B,): max(|H x|, |g|), caller units.
     """
     mult = w.mult_cur
     r = (Gx - torch.clamp(Gx, w.lo, w.hi)) / w.R
-    primal = inf_norm(r)
-    natural = inf_norm((Gx - torch.clamp(Gx + mult, w.lo, w.hi)) / w.R)
     GTm = vm(mult, w.G)
     unscale = 1.0 / (w.c.unsqueeze(-1) * w.D)
-    dual = inf_norm((Hx + w.g + GTm) * unscale)
+    # Caller units: x = D x_s, H x = (H_s x_s) / (c D), G x = (G_s x_s) / R, w = R w_s / c.
+    res = measure(w.x * w.D, Hx * unscale, w.g * unscale, Gx / w.R, GTm * unscale, w.lo / w.R, w.hi / w.R,
+                  mult * w.R / w.c.unsqueeze(-1), p)
     # Stationarity of the squared violation in the metric the iterations minimize (the scaled
-    # rows; the caller's metric whenever closest_feasible is on, since rows are then unscaled).
+    # rows; the caller's metric up to one factor whenever closest_feasible is on).
     infeas = inf_norm(vm(r * w.R, w.G) / w.D)
-    bounds = torch.where(is_eq, w.lo, torch.zeros_like(w.lo))
-    primal_scale = torch.maximum(inf_norm(Gx / w.R), inf_norm(bounds / w.R))
-    # The multipliers are residuals divided by the penalties (y = y_k + (A x - b)/mu_eq), so the
-    # round-off of G x - b is amplified by 1/mu; and |mult| is large while the multipliers of an
-    # infeasible QP grow.
+    cost_scale = torch.maximum(inf_norm(Hx * unscale), inf_norm(w.g * unscale))
+    return res, infeas, r, cost_scale
+
+
+def _multiplier_roundoff(w: _Work, is_eq: Tensor) -> Tensor:
+    """(B,) a bound on the round-off of the computed dual residual (caller units) while the
+    multipliers are residuals divided by the penalties, y = y_k + (A x - b) / mu_eq: the round-off
+    of G x and of the bounds is amplified by 1/mu, and |mult| is large while the multipliers of an
+    infeasible QP grow."""
+    mult = w.mult_cur
     mu = torch.where(is_eq, w.mu_eq.unsqueeze(-1), w.mu_in.unsqueeze(-1))
     bound = torch.where(mult > 0, w.hi, torch.where(mult < 0, w.lo, torch.zeros_like(w.lo)))
     mult_err = mult.abs() + (vm(w.x.abs(), w.absGT) + bound.abs().nan_to_num(0.0, 0.0, 0.0)) / mu
-    roundoff = inf_norm(vm(mult_err, w.absG) * unscale)
-    dual_scale = torch.stack([inf_norm(Hx * unscale), inf_norm(w.g * unscale), inf_norm(GTm * unscale)]).amax(0)
-    return primal, natural, dual, infeas, primal_scale, dual_scale, roundoff, r
+    return inf_norm(vm(mult_err, w.absG) / (w.c.unsqueeze(-1) * w.D))
 
 
 def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") -> Tensor:
