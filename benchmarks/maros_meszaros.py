@@ -47,10 +47,6 @@ INFINITY = 1e20
 #: objective within OBJ_TOL of the reference (relative to max(1, |reference|)).
 REL_TOL = 1e-9
 OBJ_TOL = 1e-6
-#: Absolute floor under REL_TOL * scale: where every term of a residual vanishes at the solution
-#: (TAME: Hx = 0, y = 0, z = 0) the scale is round-off itself and no answer could pass without it.
-#: Below 1e-9 x any scale above 1e-5.
-ROUND_OFF = 1e-14
 #: qpbenchmark's "high_accuracy" settings judge an answer by absolute thresholds only: the solver
 #: found a solution and primal residual, dual residual and duality gap are each < 1e-9
 #: (qpbenchmark/test_set.py, ``Tolerance(primal=1e-9, dual=1e-9, gap=1e-9)``; the residuals are
@@ -155,6 +151,9 @@ def residuals(problem: dict, x, y, z) -> dict:
         ``dual_sign``), rather than failing the answer outright, because solvers leave values such
         as 1e-82 there (ProxSuite on DUALC1) that change nothing.
 
+        ``primal_terms``, ``dual_terms``, ``gap_terms``: the same sizes with each product taken in
+        absolute value entry by entry (|A||x| for Ax, |x|'|H||x| for x'Hx), the size of the summands.
+
         Any non-finite entry of x, y or z makes all three residuals inf.
     """
     H, g, A, b, C, l, u = (problem[k] for k in ("H", "g", "A", "b", "C", "l", "u"))
@@ -163,7 +162,8 @@ def residuals(problem: dict, x, y, z) -> dict:
         raise ValueError(f"shapes x {x.shape}, y {y.shape}, z {z.shape} do not fit n={g.size}, "
                          f"p={b.size}, m={l.size}")
     out = dict(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
-               gap_scale=0.0, dual_sign=math.inf, objective=math.nan)
+               gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, dual_sign=math.inf,
+               objective=math.nan)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(z))):
         return out
     Hx, Ax, Cx = H @ x, A @ x, C @ x
@@ -180,6 +180,14 @@ def residuals(problem: dict, x, y, z) -> dict:
     out["gap"] = abs(sum(terms))
     out["gap_scale"] = max(abs(t) for t in terms)
     out["objective"] = 0.5 * terms[0] + terms[1] + problem["r"]
+    # The same sizes with every product taken entry by entry in absolute value (|A||x| for Ax):
+    # the size of the summands, hence of the round-off, even where the sums cancel.
+    ax, ay, az = np.abs(x), np.abs(y), np.abs(z)
+    aH, aA, aC = np.abs(H), np.abs(A), np.abs(C)
+    out["primal_terms"] = max(_inf_norm(aA @ ax), _inf_norm(b), _inf_norm(aC @ ax), _inf_norm(clipped))
+    out["dual_terms"] = max(_inf_norm(aH @ ax), _inf_norm(g), _inf_norm(aA.T @ ay), _inf_norm(aC.T @ az))
+    out["gap_terms"] = max(float(ax @ aH @ ax), float(np.abs(g) @ ax), float(np.abs(b) @ ay),
+                           float(np.abs(u[up]) @ zp[up]), float(-np.abs(l[lo]) @ zm[lo]))
     return out
 
 
@@ -206,13 +214,16 @@ def judge(problem: dict, answer: dict, reference: float | None) -> dict:
     Returns:
         the residuals of :func:`residuals` plus ``rel_primal``, ``rel_dual``, ``rel_gap`` (each
         residual over its scale), ``objective_error`` (|obj - ref| / max(1, |ref|)),
-        ``relative_pass`` and ``absolute_pass``, and the answer's ``status``, ``success``, ``time``.
+        ``relative_pass`` (each residual <= 1e-9 x the larger of its ``_scale`` and ``_terms``, and
+        the objective), ``relative_pass_literal`` (against ``_scale`` alone) and ``absolute_pass``,
+        and the answer's ``status``, ``success``, ``time``.
     """
     rec = dict(status=answer["status"], success=bool(answer["success"]), time=answer["time"],
                error=answer.get("error"))
     if answer.get("x") is None:
         rec.update(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
-                   gap_scale=0.0, dual_sign=math.inf, objective=math.nan)
+                   gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, dual_sign=math.inf,
+                   objective=math.nan)
     else:
         rec.update(residuals(problem, answer["x"], answer["y"], answer["z"]))
     for k in ("primal", "dual", "gap"):
@@ -222,8 +233,14 @@ def judge(problem: dict, answer: dict, reference: float | None) -> dict:
         rec["objective_error"] = math.inf if reference is not None else None
     else:
         rec["objective_error"] = abs(rec["objective"] - reference) / max(1.0, abs(reference))
-    residuals_ok = all(rec[k] <= REL_TOL * rec[k + "_scale"] + ROUND_OFF for k in ("primal", "dual", "gap"))
+    # Against the larger of the two sizes: where the products vanish at the solution (HS52: b = 0 and
+    # no inequality, so |Ax| is the residual itself; TAME: Hx = 0, y = 0, z = 0) the literal
+    # criterion asks for an exact zero, which no floating-point answer owes.
     objective_ok = rec["objective_error"] is not None and rec["objective_error"] <= OBJ_TOL
+    residuals_ok = all(rec[k] <= REL_TOL * max(rec[k + "_scale"], rec[k + "_terms"])
+                       for k in ("primal", "dual", "gap"))
+    rec["relative_pass_literal"] = bool(rec["success"] and objective_ok and all(
+        rec[k] <= REL_TOL * rec[k + "_scale"] for k in ("primal", "dual", "gap")))
     rec["relative_pass"] = bool(rec["success"] and residuals_ok and objective_ok)
     rec["absolute_pass"] = bool(rec["success"] and all(rec[k] < ABS_TOL for k in ("primal", "dual", "gap")))
     return rec
@@ -466,6 +483,7 @@ def summarize(results: dict, solvers, problems, max_seconds: float) -> dict:
         recs = [results[p][s] for p in problems]
         summary[s] = dict(
             relative_passes=sum(r["relative_pass"] for r in recs),
+            relative_passes_literal=sum(r["relative_pass_literal"] for r in recs),
             absolute_passes=sum(r["absolute_pass"] for r in recs),
             solved_claims=sum(r["success"] for r in recs),
             # A failed answer counts as max_seconds, as qpbenchmark counts unsolved problems at its
@@ -493,16 +511,20 @@ def format_report(results: dict, summary: dict, solvers, problems, eps: float, m
     n = len(problems)
     lines = [f"Maros-Meszaros, {n} problems, eps {eps:g}, float64, one thread, limit {max_seconds:g} s per solve",
              "",
-             f"{'solver':<10} {'relative':>9} {'absolute':>9} {'claimed':>8} {'sgm time':>10} {'sgm all':>10}",
+             f"{'solver':<10} {'relative':>9} {'literal':>9} {'absolute':>9} {'claimed':>8} "
+             f"{'sgm time':>10} {'sgm all':>10}",
              ]
     for s in solvers:
         m = summary[s]
-        lines.append(f"{s:<10} {m['relative_passes']:>4} / {n:<2} {m['absolute_passes']:>4} / {n:<2} "
+        lines.append(f"{s:<10} {m['relative_passes']:>4} / {n:<2} {m['relative_passes_literal']:>4} / {n:<2} "
+                     f"{m['absolute_passes']:>4} / {n:<2} "
                      f"{m['solved_claims']:>8} {1e3 * m['shifted_gmean_time']:>8.1f}ms "
                      f"{1e3 * m['shifted_gmean_time_all']:>8.1f}ms")
     lines += ["",
-              "relative: solver reports success, each residual <= 1e-9 x its largest term (+1e-14), objective within",
-              "  1e-6 of the reference (relative to max(1, |ref|)); absolute: qpbenchmark's high-accuracy",
+              "relative: solver reports success, each residual <= 1e-9 x the size of its terms (the larger of",
+              "  the largest product, |Ax|, and the largest summand, |A||x|), objective within 1e-6 of the",
+              "  reference (relative to max(1, |ref|)); literal: the same with |Ax| alone (issue 17's wording,",
+              "  which asks for exact zeros on HS52 and TAME); absolute: qpbenchmark's high-accuracy",
               "  count (success and primal, dual residual and duality gap < 1e-9); claimed: solver reports",
               f"  success; sgm time: shifted geometric mean (shift {1e3 * TIME_SHIFT:g} ms) of the times, a problem",
               f"  without a relative pass counted at {max_seconds:g} s; sgm all: every problem at its own time.",
