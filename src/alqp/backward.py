@@ -80,8 +80,9 @@ from torch import Tensor
 from alqp.linalg import (as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes, solve_triangular_rows, vm,
                          vm_host)
 from alqp.activity import activity_tol, row_tolerance, shifted_rows
+from alqp.failure import mark_nan, screen_incoming
 from alqp.problem import QPProblem
-from alqp.settings import Settings, Status
+from alqp.settings import Settings, Status, has_solution
 
 #: The backward's linear algebra always runs in float64: it is a few dense solves whose conditioning
 #: is that of the KKT matrix squared (normal equations), too much for float32's 7 digits.
@@ -561,9 +562,10 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
                       active_tol: Optional[float] = None, factor=None) -> dict:
     """Gradients of a loss with respect to the QP data, by implicit differentiation.
 
-    See the module docstring for the equations. Problems whose status is neither SOLVED nor
-    CLOSEST_FEASIBLE (MAX_ITER, STALLED, DUAL_INFEASIBLE, NUMERICAL_ERROR, PRIMAL_INFEASIBLE) get zero
-    gradients: their x, y, z are not a solution, so no derivative is defined.
+    See the module docstring for the equations. Problems whose status carries no solution
+    (:func:`alqp.settings.has_solution`) have no derivative: they get the gradient that
+    ``settings.failed_gradient`` says (:mod:`alqp.failure`; zero by default). A problem whose
+    incoming gradient holds NaN or Inf gets NaN gradients.
 
     Args:
         problem: the canonical batch (:func:`alqp.problem.canonicalize`), shapes H (B,n,n), g (B,n),
@@ -571,7 +573,8 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
         solution: the :class:`alqp.solver.QPSolution` of ``problem`` (batched).
         grad_x (B,n), grad_y (B,p), grad_z (B,m), grad_s_eq (B,p), grad_s_in (B,m): dL/d(output);
             None means zero.
-        settings: the forward's :class:`Settings` (sets the default activity tolerance).
+        settings: the forward's :class:`Settings` (sets the default activity tolerance and the
+            failure policy).
         active_tol: override of :func:`activity_tol`.
         factor: the forward's :class:`alqp.active_set.LeastDistanceFactor` of ``problem``, or
             None: SOLVED problems it covers get their KKT solve from it (:func:`kkt_solve_factored`).
@@ -598,6 +601,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
 
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
+    (gx, gy, gz, gse, gsi), nan_rows = screen_incoming(status, (gx, gy, gz, gse, gsi), settings)
 
     if factor is not None and factor.L.device != P.H.device:
         factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
@@ -605,7 +609,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     # (The statuses summed up once: each test is a device sync, and they add up at batch 1.)
     all_feasible = bool(act.feasible.all())
     any_shifted = not all_feasible and bool(act.shifted.any())
-    ok = act.feasible | act.shifted
+    ok = has_solution(status)
     all_ok = all_feasible or bool(ok.all())
     # Keep non-finite values of problems that get no gradient out of the arithmetic.
     fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
@@ -714,4 +718,4 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     }
     if not all_ok:
         grads = {k: fin(v) for k, v in grads.items()}
-    return {k: as_dtype(v, out_dtype) for k, v in grads.items()}
+    return mark_nan({k: as_dtype(v, out_dtype) for k, v in grads.items()}, nan_rows)

@@ -24,9 +24,15 @@ and returns the gradients of "H", "g", "A", "b", "C", "l", "u" with the
 batched shapes. This module then reduces them to the shapes the caller gave (summing over the batch for a
 shared input) and casts them to the inputs' dtype and device.
 
-Non-converged problems: a problem whose status is MAX_ITER, STALLED, DUAL_INFEASIBLE, NUMERICAL_ERROR or
-PRIMAL_INFEASIBLE contributes zero gradient to every input (its outputs are not a solution, so they
-have no derivative); check ``QPSolution.status`` to detect it.
+Problems without a solution: a problem whose status is MAX_ITER, STALLED, DUAL_INFEASIBLE,
+NUMERICAL_ERROR, PRIMAL_INFEASIBLE or NON_CONVEX has outputs that are no solution, so they have no
+derivative; its contribution to every input is what ``Settings.failed_gradient`` says: zero with a
+RuntimeWarning once per process (the default), NaN, or a RuntimeError (:mod:`alqp.failure`). A NaN
+or Inf in the incoming gradient of a problem makes its contributions NaN.
+
+The backward is differentiable once: a double backward (``torch.autograd.functional.hessian``,
+``gradgradcheck``, a second backward through gradients taken with ``create_graph=True``) raises a
+RuntimeError when it reaches alqp, never returns zeros (:func:`_differentiable_once`).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as _autograd_functions
 
 from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, QPProblem, canonicalize
@@ -79,6 +85,42 @@ def _engine(backward: str, options: Optional[dict] = None) -> Callable:
     return functools.partial(BACKWARDS[backward], **options) if options else BACKWARDS[backward]
 
 
+def _differentiable_once(backward: Callable) -> Callable:
+    """Decorate an ``autograd.Function.backward`` whose result is not differentiable.
+
+    The backward runs without a graph; when it is called under ``create_graph=True`` and its result
+    depends on something that requires grad, the result comes out of a node that raises as soon as
+    a double backward reaches it (a graph built for another purpose, e.g. a gradient penalty
+    elsewhere in the network, is not affected). The node's inputs are the incoming gradients and
+    the forward's inputs (``ctx.saved_tensors[ctx.first_input:]``), so that a double backward
+    with respect to either reaches it.
+
+    ``torch.autograd.function.once_differentiable`` links its error node to nothing but fresh
+    leaves: a second derivative with respect to the QP data cannot reach it, and autograd reports
+    that derivative as unused, which ``hessian`` and ``gradgradcheck`` turn into zeros.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        links = [t for t in (*grads, *ctx.saved_tensors[ctx.first_input:])
+                 if isinstance(t, Tensor) and t.requires_grad]
+        if not links:
+            return out
+        error = _autograd_functions.DelayedError(
+            b"alqp's backward is not differentiable twice: the gradients of solve_qp / QPLayer are "
+            b"computed without a graph, so double backward, torch.autograd.functional.hessian and "
+            b"gradgradcheck are not supported (differentiate once, or take finite differences of "
+            b"the gradient)", len(out) + len(links))
+        aliases = [None if t is None else t.detach().requires_grad_() for t in out]
+        return error(*aliases, *links)[:len(out)]
+
+    return wrapper
+
+
 def _reduce_to(grad: Tensor, shape: torch.Size, core_ndim: int) -> Tensor:
     """Sum a batched (B, ...) gradient down to an input's ``shape``.
 
@@ -111,18 +153,21 @@ class QPFunction(torch.autograd.Function):
         # Through save_for_backward (not ctx attributes): no reference cycle through the outputs, and
         # autograd detects an in-place change of an input or output before the backward uses it
         # (the problem's tensors are detached views of the inputs).
-        ctx.save_for_backward(*problem.tensors().values(), *solution)
+        # The inputs themselves come last, only to link a double backward to its error
+        # (_differentiable_once).
+        ctx.save_for_backward(*problem.tensors().values(), *solution, H, g, A, b, C, l, u)
+        ctx.first_input = 7 + len(solution)
         ctx.mark_non_differentiable(solution.status, solution.iterations)
         return tuple(solution)
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, gx, gy, gz, gse, gsi, _g_status, _g_iterations):
         if not any(ctx.needs_input_grad[3:]):
             return (None,) * 10
         saved = ctx.saved_tensors
         problem = QPProblem(**dict(zip(ARG_NAMES, saved[:7])), batched=ctx.batched, unbatched=ctx.unbatched)
-        solution = QPSolution(*saved[7:])
+        solution = QPSolution(*saved[7:ctx.first_input])
         grads = ctx.engine(problem, solution, gx, gy, gz, gse, gsi, ctx.settings, factor=ctx.factor)
         out = []
         for i, name in enumerate(ARG_NAMES):
@@ -165,8 +210,9 @@ def solve_qp(H: Tensor, g: Tensor, A: Optional[Tensor] = None, b: Optional[Tenso
         iterations (B,)), without the leading B when no input had a batch dimension. x, y, z, s_eq,
         s_in are differentiable with respect to every input that requires grad; an input given
         without batch dimension (shared by the batch) receives the sum of the per-problem gradients.
-        Problems that did not converge (status other than SOLVED and CLOSEST_FEASIBLE) contribute
-        zero gradient.
+        Problems without a solution (status other than SOLVED and CLOSEST_FEASIBLE) contribute
+        what ``Settings.failed_gradient`` says (zero, with a warning once per process, by default).
+        Not differentiable twice (a double backward raises).
     """
     engine = _engine(backward, dict(tau=tau, variant=variant, proximal=proximal))
     settings = settings or Settings()
@@ -180,8 +226,8 @@ class QPLayer(nn.Module):
     """A QP as a layer: ``QPLayer(settings, backward)(H, g, A, b, C, l, u) -> QPSolution``.
 
     A thin :class:`torch.nn.Module` around :func:`solve_qp` (no parameters of its own: make the QP
-    data functions of your parameters). Shapes, gradients and the zero-gradient rule for
-    non-converged problems are those of :func:`solve_qp`.
+    data functions of your parameters). Shapes, gradients and the gradient of problems without a
+    solution (``Settings.failed_gradient``) are those of :func:`solve_qp`.
 
     Args:
         settings: :class:`alqp.Settings` of the forward solver; defaults when None.

@@ -98,11 +98,14 @@ violates whatever its sign. Then, as tau -> 0 (checked in tests/test_lpgd.py):
   of s and dL/d[A; C] by a term s w', i.e. by the normalization of the multipliers along s.
 So learning A or C of infeasible QPs, or a loss on their multipliers, is a case for "ift".
 
-Problems with zero incoming gradient are not re-solved. Non-converged problems (status other than
-SOLVED and CLOSEST_FEASIBLE), and problems whose perturbed re-solve does not converge (e.g. an LP
-that tau makes unbounded), get zero gradient; a RuntimeWarning reports the latter, and also
-re-solves that took no step although tau times the incoming gradient is well above the solver's
-tolerance (the perturbation was lost in it).
+Problems with zero incoming gradient are not re-solved. Problems without a solution (status other
+than SOLVED and CLOSEST_FEASIBLE, :func:`alqp.settings.has_solution`) get the gradient that
+``Settings.failed_gradient`` says (:mod:`alqp.failure`: zero with a warning by default, NaN, or an
+error); problems whose incoming gradient holds NaN or Inf get NaN. Problems whose perturbed
+re-solve does not converge (e.g. an LP that tau makes unbounded) get the same policy's gradient
+(zero or NaN with a RuntimeWarning each time, or an error). A RuntimeWarning also reports re-solves
+that took no step although tau times the incoming gradient is well above the solver's tolerance
+(the perturbation was lost in it).
 """
 from __future__ import annotations
 
@@ -115,9 +118,10 @@ from torch import Tensor
 
 from alqp.activity import activity_tol, shifted_rows
 from alqp.certify import resolve_tolerance
+from alqp.failure import mark_nan, screen_incoming
 from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
-from alqp.settings import Settings, Status
+from alqp.settings import Settings, Status, has_solution
 from alqp.solver import QPSolution, solve_problem_factored
 
 #: Variants of the finite difference (see the module docstring).
@@ -311,10 +315,10 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
 
     gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
     gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
-
     status = solution.status
-    shifted = status == int(Status.CLOSEST_FEASIBLE)
-    ok = (status == int(Status.SOLVED)) | shifted
+    (gx, gy, gz, gse, gsi), nan_rows = screen_incoming(status, (gx, gy, gz, gse, gsi), settings)
+
+    ok = has_solution(status)
     out = {name: torch.zeros_like(t, dtype=W) for name, t in problem.tensors().items()}
 
     # The shift is a function of x and the data (module docstring): its loss moves to x, plus the
@@ -347,13 +351,20 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         # of the selected problems, once per step, serves the re-solve.
         re_factor = factor.select(idx, copies=k) if factor is not None and float(opts.proximal) == 0 else None
         re = solve_problem_factored(batch, settings, warm, factor=re_factor)[0]
-        re_ok = (re.status == int(Status.SOLVED)) | (re.status == int(Status.CLOSEST_FEASIBLE))
-        re_ok = re_ok.view(k, -1).all(0)
+        re_ok = has_solution(re.status).view(k, -1).all(0)
+        # A failed re-solve leaves its problem without a gradient, as a failed forward does: the
+        # failure policy decides what it gets, except that "zero" warns every time here (it says
+        # something about tau, not about the problem).
+        policy = settings.failed_gradient
         if not bool(re_ok.all()):
             bad = int((~re_ok).sum())
             codes = sorted({Status(int(c)).name for c in re.status.view(k, -1)[:, ~re_ok].flatten()})
-            warnings.warn(f"LPGD: the perturbed re-solve of {bad} problem(s) ended with status {codes}; "
-                          "they get zero gradient (a smaller tau, or another variant, may help)",
+            what = f"LPGD: the perturbed re-solve of {bad} problem(s) ended with status {codes}"
+            hint = "a smaller tau, or another variant, may help"
+            if policy == "raise":
+                raise RuntimeError(f"{what} (indices {idx[~re_ok][:8].tolist()}); "
+                                   f"Settings.failed_gradient='raise'; {hint}")
+            warnings.warn(f"{what}; they get {'NaN' if policy == 'nan' else 'zero'} gradient ({hint})",
                           RuntimeWarning, stacklevel=2)
         # A re-solve that took no step accepted the forward's solution: the perturbation was within
         # the solver's tolerance, so the difference is zero, not a gradient. Worth a warning only
@@ -384,7 +395,8 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
             diff = {name: (q[0][name] - q[1][name]) / (2 * tau_) for name in q_star}
         for name, d in diff.items():
             # A failed re-solve's x may be non-finite: select, do not multiply.
-            out[name][idx] = torch.where(re_ok.view(-1, *([1] * (d.dim() - 1))), d, torch.zeros_like(d))
+            failed_value = torch.full_like(d, float("nan")) if policy == "nan" else torch.zeros_like(d)
+            out[name][idx] = torch.where(re_ok.view(-1, *([1] * (d.dim() - 1))), d, failed_value)
 
     # Explicit terms of the loss on the shift (s_eq = A x - b, s_in,V = C_V x - bound_V), at x*.
     x_w = solution.x.to(W)
@@ -398,4 +410,4 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
 
     out["l"] = torch.where(torch.isfinite(problem.l), out["l"], torch.zeros_like(out["l"]))
     out["u"] = torch.where(torch.isfinite(problem.u), out["u"], torch.zeros_like(out["u"]))
-    return {name: t.to(dtype) for name, t in out.items()}
+    return mark_nan({name: t.to(dtype) for name, t in out.items()}, nan_rows)

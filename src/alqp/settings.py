@@ -22,6 +22,13 @@ class Status(enum.IntEnum):
     INACCURATE: the best answer found misses the asked tolerance, but only by what round-off in
         the data's dtype allows to compute (:func:`alqp.certify.roundoff_floor`): the tolerance is
         unreachable for this problem, not merely unreached. x, y, z are that answer; no gradient.
+    NON_CONVEX: the solve failed and H (symmetrized) has an eigenvalue below round-off's reach of
+        zero, so H is not positive semi-definite; a RuntimeWarning gives the estimate of its most
+        negative eigenvalue. x, y, z and the shift are returned as zeros (a convex method's iterate
+        on a non-convex problem answers nothing, and may be arbitrarily large).
+
+    Only SOLVED and CLOSEST_FEASIBLE carry a solution (:func:`has_solution`); the other statuses
+    get the gradient that ``Settings.failed_gradient`` says.
     """
 
     SOLVED = 0
@@ -32,6 +39,22 @@ class Status(enum.IntEnum):
     NUMERICAL_ERROR = 5
     STALLED = 6
     INACCURATE = 7
+    NON_CONVEX = 8
+
+
+def has_solution(status):
+    """Whether ``status`` (a :class:`Status`, an int, or an integer tensor / array of them) is one
+    that carries a solution, SOLVED or CLOSEST_FEASIBLE: the outputs the backward differentiates.
+    The one definition of it, for every backward engine."""
+    # (Plain ints: a tensor compared with an IntEnum member takes a slow path, ~10 us each.)
+    return (status == _SOLVED) | (status == _CLOSEST_FEASIBLE)
+
+
+_SOLVED, _CLOSEST_FEASIBLE = int(Status.SOLVED), int(Status.CLOSEST_FEASIBLE)
+
+
+#: Values of ``Settings.failed_gradient``.
+FAILED_GRADIENT_POLICIES = ("zero", "nan", "raise")
 
 
 @dataclass
@@ -74,6 +97,18 @@ class Settings:
             residual checks at ``eps_abs``/``eps_rel``, and the other problems (infeasible ones
             among them) go to the ALM. "auto": "active_set" for CPU tensors, "alm" on other devices
             (or where daqp is not installed).
+        failed_gradient: the gradient of a problem without a solution (status other than SOLVED
+            and CLOSEST_FEASIBLE: its outputs are no solution, so they have no derivative) that
+            receives a nonzero incoming gradient, in either backward ("ift" or "lpgd").
+            "zero": it contributes zero to every input, and a RuntimeWarning naming the statuses
+            and the number of such problems is issued once per process (the first time; later
+            ones are silent, so check ``QPSolution.status``). "nan": its contributions are NaN,
+            so a shared input's summed gradient is NaN. "raise": the backward raises a
+            RuntimeError naming the problems' indices and statuses. A problem whose incoming
+            gradient is exactly zero contributes zero under every policy (the loss does not
+            depend on it); one whose incoming gradient holds NaN or Inf contributes NaN under
+            every policy. A problem whose LPGD re-solve fails gets the same policy (its "zero"
+            warns every time: it is about tau). A double backward raises.
     """
 
     eps_abs: float = 0.0
@@ -91,6 +126,7 @@ class Settings:
     eps_dual_inf: float = 1e-4
     verbose: bool = False
     engine: str = "auto"
+    failed_gradient: str = "zero"
 
     def __post_init__(self) -> None:
         for name in ("rho", "mu_eq", "mu_in", "eps_dual_inf"):
@@ -113,3 +149,6 @@ class Settings:
             raise ValueError(f"Settings.engine must be 'auto', 'active_set' or 'alm', got {self.engine!r}")
         if int(self.scaling_iter) < 0:
             raise ValueError(f"Settings.scaling_iter must be non-negative, got {self.scaling_iter!r}")
+        if self.failed_gradient not in FAILED_GRADIENT_POLICIES:
+            raise ValueError(f"Settings.failed_gradient must be one of {FAILED_GRADIENT_POLICIES}, "
+                             f"got {self.failed_gradient!r}")

@@ -11,6 +11,7 @@ stopping are measured in the caller's units.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
@@ -21,7 +22,7 @@ from alqp.certify import measure, resolve_tolerance, roundoff_floor, shift_optim
 from alqp.certify import residuals as certify_residuals
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
 from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
-from alqp.settings import Settings, Status
+from alqp.settings import Settings, Status, has_solution
 
 if TYPE_CHECKING:  # active_set imports numpy and daqp: only when the engine runs
     from alqp.active_set import LeastDistanceFactor
@@ -157,7 +158,9 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
     the active-set engine computed on the way (:class:`alqp.active_set.LeastDistanceFactor`, a
     function of H, A and C only; None on the ALM engine or when no problem is strictly convex),
     which the implicit backward reuses. A ``factor`` given (of the same H, A and C: the LPGD
-    backward's re-solve) is used instead of computing it."""
+    backward's re-solve) is used instead of computing it.
+
+    The failed problems of either engine go through :func:`report_non_convex`."""
     engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
     if engine == "active_set":
         from alqp.active_set import solve_active_set  # numpy and daqp only when used
@@ -168,8 +171,9 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
         rest = (~certified).nonzero().squeeze(-1)
         ws = None if ws is None else [t.index_select(0, rest) for t in ws]
         fallback = _certified(problem.select(rest), solve_alm(problem.select(rest), settings, ws), settings)
-        return QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback))), factor
-    return _certified(problem, solve_alm(problem, settings, warm_start), settings), None
+        solution = QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback)))
+        return report_non_convex(problem, solution), factor
+    return report_non_convex(problem, _certified(problem, solve_alm(problem, settings, warm_start), settings)), None
 
 
 def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> QPSolution:
@@ -186,6 +190,63 @@ def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> 
     status = torch.where(wrong, int(Status.MAX_ITER), solution.status)
     _mark_inaccurate(problem, solution.x, torch.cat([solution.y, solution.z], -1), status, problem.H.dtype)
     return solution._replace(status=status)
+
+
+def report_non_convex(problem: QPProblem, solution: QPSolution) -> QPSolution:
+    """Tell non-convexity where it is the cause of a failed solve; keep failed answers finite.
+
+    Both engines assume H positive semi-definite: on an indefinite H the ALM's Newton matrix is
+    indefinite (a factorization fails) or its iterates diverge, and DAQP's factorization fails,
+    so the status they report (NUMERICAL_ERROR, DUAL_INFEASIBLE, MAX_ITER, ...) hides the cause.
+    A problem that failed (status without a solution, :func:`alqp.settings.has_solution`, except
+    PRIMAL_INFEASIBLE: a statement about the constraints that H does not change) is reported
+    NON_CONVEX where the smallest eigenvalue of its symmetrized H lies below
+    ``-100 n eps |lambda|_max`` (eps of the problem's dtype), with a RuntimeWarning naming H, the
+    problems and the estimates of their most negative eigenvalues; its x, y, z and shift are
+    returned as zeros. The eigenvalues are those of the failed problems only (failures are rare:
+    one batched eigvalsh of them, in float64). A problem that a certified KKT point solves keeps
+    its status, however indefinite its H.
+
+    Every other failed answer keeps its last iterate, except that a problem with a NaN or Inf in
+    its outputs gets zeros there too (no finite iterate is at hand).
+
+    Returns:
+        ``solution``, with those problems' statuses and outputs changed.
+    """
+    status = solution.status
+    failed = ~has_solution(status) & (status != int(Status.PRIMAL_INFEASIBLE))
+    if not bool(failed.any()):
+        return solution
+    index = failed.nonzero().squeeze(-1)
+    H = problem.H.index_select(0, index).to(torch.float64)
+    lam = torch.linalg.eigvalsh(0.5 * (H + H.mT)) if H.shape[-1] else H.new_zeros(index.numel(), 1)
+    lam_min, lam_size = lam[:, 0], lam.abs().amax(-1)
+    # The eigenvalues of H as the caller holds it are known to about n eps |H| (eps of its dtype):
+    # that is the size both of the eigensolver's backward error and of the negative eigenvalues
+    # that rounding leaves in a PSD H formed in that dtype (e.g. H = L L' summed over n terms).
+    # The factor 100 keeps such round-off from being called non-convexity; an indefiniteness
+    # smaller than that is not what broke a solve whose Newton matrices carry rho >= 1e-6 anyway.
+    tol = 100 * problem.n * torch.finfo(problem.H.dtype).eps
+    negative = lam_min < -tol * lam_size
+    nonfinite = failed & ~torch.stack([torch.isfinite(t).all(-1) if t.shape[-1] else torch.ones_like(failed)
+                                       for t in solution[:5]]).all(0)
+    if not bool(negative.any()) and not bool(nonfinite.any()):
+        return solution
+    non_convex = torch.zeros_like(failed)
+    non_convex[index[negative]] = True
+    if bool(negative.any()):
+        shown = index[negative][:8].tolist()
+        estimates = ", ".join(f"{v:.3g}" for v in lam_min[negative][:8].tolist())
+        more = f" and {int(negative.sum()) - len(shown)} more" if int(negative.sum()) > len(shown) else ""
+        warnings.warn(f"alqp: H is not positive semi-definite in {int(negative.sum())} problem(s) of the batch "
+                      f"(indices {shown}{more}): most negative eigenvalue estimate(s) {estimates} "
+                      f"(largest |eigenvalue| {float(lam_size[negative].max()):.3g}); their solves failed, status "
+                      "NON_CONVEX, outputs zero. alqp solves convex QPs: make H positive semi-definite "
+                      "(e.g. H = L L' + delta I).", RuntimeWarning, stacklevel=3)
+    zero = (non_convex | nonfinite).unsqueeze(-1)
+    outputs = [torch.where(zero, torch.zeros_like(t), t) for t in solution[:5]]
+    status = torch.where(non_convex, int(Status.NON_CONVEX), status)
+    return QPSolution(*outputs, status, solution.iterations)
 
 
 def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
