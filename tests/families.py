@@ -12,6 +12,8 @@ the ``seed`` argument, so a (family, arguments, seed) triple always gives the sa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 DTYPE = torch.float64
@@ -506,6 +508,161 @@ ISSUE12 = {
     "infeasible_scaled_copies": (infeasible_scaled_copies, dict(n=12, p=3, m=6)),
     "infeasible_three_way": (infeasible_three_way, dict(n=10, p=3, m=6)),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17: multi-block infeasibility, built from the solution
+# ----------------------------------------------------------------------------------------------
+#: The kinds of :func:`multiblock_instance`.
+MULTIBLOCK_KINDS = ("pinned", "pinned_dup", "free", "free_dup", "weak")
+
+
+def _multiblock_rows(gen, n, p, k0, k, r, free, dup, is_in):
+    """One draw of the shifted rows of :func:`multiblock_instance`: (G_V, s, w, ok)."""
+    # Shifts: signs random, with an upper (+) and a lower (-) one among the inequality rows;
+    # magnitudes 0.2..1, and one or two small ones (1e-3..2e-2) among the inequality rows.
+    sign = _sign(gen, k)
+    sign[p], sign[p + 1] = 1.0, -1.0
+    mag = _rand(gen, k, lo=0.2, hi=1.0)
+    n_small = 1 + int(torch.rand(1, generator=gen) < 0.5)
+    small = torch.exp(_rand(gen, k, lo=math.log(1e-3), hi=math.log(2e-2)))
+    rows = (torch.randperm(k0 - p, generator=gen) + p)[:n_small]
+    mag[rows] = small[rows]
+    s = sign * mag
+    R = _randn(gen, k, r) @ _randn(gen, r, n) / r ** 0.5 if free else _randn(gen, k, n)
+    if dup:  # a scaled copy of an equality row j as the last (inequality) row of V
+        j = int(torch.randint(0, p, (1,), generator=gen))
+        sigma = [1.0, -1.0, 2.0][int(torch.randint(0, 3, (1,), generator=gen))]
+        R[-1] = sigma * R[j]
+        s[-1] = sigma * s[j]
+    s_dir = s / s.norm()
+    G = R - torch.outer(s_dir, s_dir @ R)
+    sv = torch.linalg.svdvals(G)
+    rank = r
+    well = bool(sv[rank - 1] >= 5e-2 * sv[0])
+    # Multipliers: rho in range(G_V), moved along s by the least t >= 0 giving every shifted
+    # inequality row the sign of its shift (the solver's choice, alqp.activity).
+    rho = G @ _randn(gen, n)
+    limit = torch.where(is_in, -rho / s, torch.full_like(s, -INF))
+    top = torch.topk(limit, 2).values
+    t = float(top[0].clamp_min(0.0))
+    no_tie = bool(top[0] - top[1] > 1e-3 * (1.0 + top[0].abs())) or t == 0.0
+    w = rho + t * s
+    w = torch.where(is_in & (s > 0), w.clamp_min(0.0), torch.where(is_in & (s < 0), w.clamp_max(0.0), w))
+    return G, s, w, well and no_tie
+
+
+def multiblock_instance(batch: int, n: int, p: int, m: int, seed: int = 0, kind: str = "pinned") -> tuple:
+    """Issue 17: closest-feasible QPs whose least-squares shift spans the p equality rows and
+    inequality rows at their lower and their upper bounds at once, with large multipliers, built
+    from their solution (x*, y*, z*, s*) so that the reference is exact.
+
+    The shifted rows V (all p equality rows and q inequality rows, both signs of shift present)
+    are G_V = (I - s s'/|s|^2) R: the shift s lies in null(G_V'), so it is the least-squares shift,
+    and b, l, u put each row of V at distance s_i beyond the bound named by the sign of s_i (the
+    other side of a shifted inequality row is finite or infinite at random). One or two shifted
+    inequality rows get a small shift (1e-3 to 2e-2) and the others 0.2 to 1, so that the
+    multipliers are the solver's choice w_V = rho + t s with rho = G_V c in range(G_V) and
+    t = max(0, max_i -rho_i / s_i) large (10 to 1e4): multipliers in the hundreds to thousands,
+    and a shifted row active at a zero multiplier (the row that fixes t).
+
+    kind:
+        "pinned": |V| = n + 1 rows in general position: x* is pinned by them (it does not
+            depend on H or g), null(G_V') = span(s), and any perturbation of A or C keeps the
+            structure (the QP stays infeasible, the derivative exists in every direction).
+        "free": rank(G_V) = r = n - 2 (G_V = (I - P_s) M0 W), one further inequality row active
+            and unshifted (|z| in [0.5, 1.5]): x* keeps one free direction. The rows of V are
+            dependent by construction: only perturbations A0 (I + E), C0 (I + E) keep that.
+        "pinned_dup", "free_dup": as "pinned" / "free", plus a scaled copy sigma a_j
+            (sigma in {1, -1, 2}) of an equality row j as a further shifted inequality row, with
+            shift sigma s_j (a row duplicated across the blocks; null(G_V') has dimension 2).
+            (A copy of a shifted inequality row is left out: when that row fixes t, the copy
+            ties with it, both multipliers are 0, and l, u move on a kink.)
+        "weak": as "free" (rank n - 3), plus one unshifted inequality row on its bound with a zero
+            multiplier (weakly active: the solution map has a kink there).
+    The other inequality rows hold with slack 0.3 to 1 (one side infinite at random). Rows of C are
+    permuted at random. Each problem's shifted rows are redrawn until G_V is well conditioned on
+    its range (smallest nonzero singular value >= 5e-2 of the largest) and no two shifted
+    inequality rows tie for t. H is positive definite (eigenvalues about 0.5 to 5).
+
+    Returns:
+        (problem dict, reference dict with x, y, z, s_eq, s_in (B, ...) and "weak": (B,) long, the
+        index of the weakly active row, -1 where none).
+    """
+    if kind not in MULTIBLOCK_KINDS:
+        raise ValueError(f"kind must be one of {MULTIBLOCK_KINDS}, got {kind!r}")
+    gen = _gen(seed)
+    B = batch
+    dup = kind.endswith("_dup")
+    free = kind.startswith("free") or kind == "weak"
+    n_act = 1 if free else 0
+    n_weak = 1 if kind == "weak" else 0
+    r = n - 2 - n_weak if free else n  # rank of G_V
+    k0 = r + 1  # rows of V before the copy
+    k = k0 + (1 if dup else 0)
+    q = k - p  # shifted inequality rows
+    assert p >= 1 and q >= 2 and r >= p, (n, p, kind)
+    n_rest = m - q - n_act - n_weak
+    assert n_rest >= 0, (m, q, n_act, n_weak)
+    H = _spd(gen, B, n)
+    x = _randn(gen, B, n)
+    is_in = torch.arange(k) >= p
+    G, s, w = torch.zeros(B, k, n, dtype=DTYPE), torch.zeros(B, k, dtype=DTYPE), torch.zeros(B, k, dtype=DTYPE)
+    for i in range(B):
+        # Redraw until G_V is well conditioned on its range (smallest nonzero singular value at
+        # least 5e-2 of the largest: a near-singular G_V makes the multipliers' range part, and
+        # the derivative, blow up by its inverse on top of t) and no two shifted inequality rows
+        # tie for t (a kink).
+        for _ in range(200):
+            G_i, s_i, w_i, ok = _multiblock_rows(gen, n, p, k0, k, r, free, dup, is_in)
+            if ok:
+                break
+        assert ok, "no well-conditioned draw"
+        G[i], s[i], w[i] = G_i, s_i, w_i
+    Gx = _matvec(G, x)
+    A, y = G[:, :p], w[:, :p]
+    b = Gx[:, :p] - s[:, :p]
+    CV, zV, sV, CVx = G[:, p:], w[:, p:], s[:, p:], Gx[:, p:]
+    beta = CVx - sV
+    far = _rand(gen, B, q, lo=0.5, hi=2.0)
+    other = _rand(gen, B, q) < 0.5
+    uV = torch.where(sV > 0, beta, torch.where(other, beta + far, torch.full_like(beta, INF)))
+    lV = torch.where(sV < 0, beta, torch.where(other, beta - far, torch.full_like(beta, -INF)))
+    rows_C, rows_l, rows_u, rows_z = [CV], [lV], [uV], [zV]
+    if n_act + n_weak:
+        Ca = _randn(gen, B, n_act + n_weak, n)
+        Cax = _matvec(Ca, x)
+        up = _rand(gen, B, n_act + n_weak) < 0.5
+        za = torch.where(up, 1.0, -1.0).to(DTYPE) * _rand(gen, B, n_act + n_weak, lo=0.5, hi=1.5)
+        if n_weak:
+            za[:, -1] = 0.0
+        width = _rand(gen, B, n_act + n_weak, lo=0.5, hi=2.0)
+        ua = torch.where(up, Cax, Cax + width)
+        la = torch.where(up, Cax - width, Cax)
+        rows_C.append(Ca), rows_l.append(la), rows_u.append(ua), rows_z.append(za)
+    Cr = _randn(gen, B, n_rest, n)
+    lr, ur = _bounds_around(gen, _matvec(Cr, x), lo=0.3, hi=1.0)
+    side = torch.rand(B, n_rest, generator=gen)
+    lr = torch.where(side < 0.25, torch.full_like(lr, -INF), lr)
+    ur = torch.where(side > 0.75, torch.full_like(ur, INF), ur)
+    rows_C.append(Cr), rows_l.append(lr), rows_u.append(ur), rows_z.append(torch.zeros(B, n_rest, dtype=DTYPE))
+    C, l, u, z = (torch.cat(t, 1) for t in (rows_C, rows_l, rows_u, rows_z))
+    s_in = torch.cat([sV, torch.zeros(B, m - q, dtype=DTYPE)], 1)
+    weak = torch.full((B,), q + n_act if n_weak else -1, dtype=torch.long)
+    perm = torch.stack([torch.randperm(m, generator=gen) for _ in range(B)])
+    take = lambda t: torch.gather(t, 1, perm)  # noqa: E731
+    C = torch.gather(C, 1, perm.unsqueeze(-1).expand(B, m, n))
+    l, u, z, s_in = take(l), take(u), take(z), take(s_in)
+    if n_weak:
+        weak = torch.argsort(perm, -1)[torch.arange(B), weak]
+    g = -(_matvec(H, x) + _matvec(A.transpose(-1, -2), y) + _matvec(C.transpose(-1, -2), z))
+    ref = dict(x=x, y=y, z=z, s_eq=s[:, :p].clone(), s_in=s_in, weak=weak)
+    return _pack(H, g, A, b, C, l, u), ref
+
+
+def infeasible_multiblock(batch: int, n: int, p: int, m: int, seed: int = 0, kind: str = "pinned") -> dict:
+    """The problems of :func:`multiblock_instance` (issue 17), without their reference solution."""
+    return multiblock_instance(batch, n, p, m, seed, kind)[0]
 
 
 # ----------------------------------------------------------------------------------------------
