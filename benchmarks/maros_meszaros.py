@@ -162,7 +162,8 @@ def residuals(problem: dict, x, y, z) -> dict:
         raise ValueError(f"shapes x {x.shape}, y {y.shape}, z {z.shape} do not fit n={g.size}, "
                          f"p={b.size}, m={l.size}")
     out = dict(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
-               gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, dual_sign=math.inf,
+               gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, gap_products=0.0,
+               dual_sign=math.inf,
                objective=math.nan)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(z))):
         return out
@@ -186,20 +187,26 @@ def residuals(problem: dict, x, y, z) -> dict:
     aH, aA, aC = np.abs(H), np.abs(A), np.abs(C)
     out["primal_terms"] = max(_inf_norm(aA @ ax), _inf_norm(b), _inf_norm(aC @ ax), _inf_norm(clipped))
     out["dual_terms"] = max(_inf_norm(aH @ ax), _inf_norm(g), _inf_norm(aA.T @ ay), _inf_norm(aC.T @ az))
+    # alqp's own size of the gap's terms (alqp.certify): the products it adds up, each summed in
+    # absolute value (sum |x_i (Hx)_i|, sum |g_i x_i|, sum |bound_i w_i|).
+    bound_w = np.concatenate([np.abs(b * y), np.abs(u[up] * zp[up]), np.abs(l[lo] * zm[lo])])
+    out["gap_products"] = max(float(np.abs(x * Hx).sum()), float(np.abs(g * x).sum()), float(bound_w.sum()))
     out["gap_terms"] = max(float(ax @ aH @ ax), float(np.abs(g) @ ax), float(np.abs(b) @ ay),
                            float(np.abs(u[up]) @ zp[up]), float(-np.abs(l[lo]) @ zm[lo]))
     return out
 
 
 def meets_tolerance(result: dict, eps_abs: float, eps_rel: float = 0.0) -> bool:
-    """Whether each residual meets alqp's tolerance ``r <= eps_abs + eps_rel * s``.
+    """Whether each residual meets alqp's tolerance ``r <= eps_abs + eps_rel * s``, with alqp's
+    sizes s of the terms: ``primal_scale``, ``dual_scale`` and, for the gap, ``gap_products``.
 
     Args:
         result: a dict with ``primal``, ``dual``, ``gap`` and ``primal_scale``, ``dual_scale``,
             ``gap_scale`` (as :func:`residuals` returns, or a :func:`judge` record).
         eps_abs, eps_rel: the tolerances of the :class:`alqp.Settings` used for the solve.
     """
-    return all(result[k] <= eps_abs + eps_rel * result[k + "_scale"] for k in ("primal", "dual", "gap"))
+    scales = dict(primal=result["primal_scale"], dual=result["dual_scale"], gap=result["gap_products"])
+    return all(result[k] <= eps_abs + eps_rel * scales[k] for k in ("primal", "dual", "gap"))
 
 
 def judge(problem: dict, answer: dict, reference: float | None) -> dict:
@@ -222,7 +229,8 @@ def judge(problem: dict, answer: dict, reference: float | None) -> dict:
                error=answer.get("error"))
     if answer.get("x") is None:
         rec.update(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
-                   gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, dual_sign=math.inf,
+                   gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, gap_products=0.0,
+                   dual_sign=math.inf,
                    objective=math.nan)
     else:
         rec.update(residuals(problem, answer["x"], answer["y"], answer["z"]))
@@ -254,10 +262,11 @@ def alqp_settings(solver: str, eps: float):
     """The :class:`alqp.Settings` the benchmark gives ``solver`` ("alqp" or "alqp-alm")."""
     import alqp
 
+    # alqp's tolerance is relative (its default form), so that "SOLVED" is the criterion judged here.
     if solver == "alqp":
-        return alqp.Settings(eps_abs=eps)
+        return alqp.Settings(eps_abs=0.0, eps_rel=eps)
     if solver == "alqp-alm":
-        return alqp.Settings(eps_abs=eps, engine="alm")
+        return alqp.Settings(eps_abs=0.0, eps_rel=eps, engine="alm")
     raise ValueError(f"not an alqp solver: {solver!r}")
 
 
@@ -266,7 +275,7 @@ def _solve_alqp(problem, eps, max_seconds, settings=None):
 
     import alqp
 
-    settings = settings if settings is not None else alqp.Settings(eps_abs=eps)
+    settings = settings if settings is not None else alqp_settings("alqp", eps)
     t = {k: torch.from_numpy(problem[k]) for k in ("H", "g", "A", "b", "C", "l", "u")}
     A, b = (t["A"], t["b"]) if problem["b"].size else (None, None)
     C, l, u = (t["C"], t["l"], t["u"]) if problem["l"].size else (None, None, None)

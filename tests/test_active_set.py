@@ -201,7 +201,7 @@ def test_tolerance_is_checked():
     lo = torch.cat([P.b, P.l], dim=-1).numpy()
     hi = torch.cat([P.b, P.u], dim=-1).numpy()
     w = torch.cat([sol.y, sol.z], dim=-1).numpy()
-    ok = _certify(P.H.numpy(), P.g.numpy(), G, lo, hi, P.p, sol.x.numpy(), w, 1e-9, 0.0, 2.2e-16)
+    ok = _certify(P.H.numpy(), P.g.numpy(), G, lo, hi, P.p, sol.x.numpy(), w, Tolerance(1e-9, 0.0))
     assert not ok[0] and ok[1:].all()
 
 

@@ -18,7 +18,7 @@ z_i > 0 only at u_i, z_i < 0 only at l_i):
 
 At an exact KKT point the gap is the sum of the complementarity products z_i (bound_i - C_i x),
 each of them non-negative, so a small gap is complementarity, row by row, in the same units.
-A multiplier on an infinite bound makes the gap infinite: never certified.
+A multiplier on an infinite bound counts, by its size, in the dual residual.
 
 A closest-feasible answer is certified on its shifted QP (lo + s, hi + s), and its shift by the
 optimality conditions of min |s|^2: s is the violation of the original rows and G's = 0.
@@ -81,8 +81,9 @@ class Residuals(NamedTuple):
     gap_scale: Tensor
 
     def meets(self, tol: Tolerance) -> Tensor:
-        """(B,) True where all three residuals meet ``tol``."""
-        return ((self.primal <= tol.bound(self.primal_scale)) & (self.dual <= tol.bound(self.dual_scale))
+        """(B,) True where all three residuals are finite and meet ``tol``."""
+        finite = torch.isfinite(self.primal) & torch.isfinite(self.dual) & torch.isfinite(self.gap)
+        return (finite & (self.primal <= tol.bound(self.primal_scale)) & (self.dual <= tol.bound(self.dual_scale))
                 & (self.gap <= tol.bound(self.gap_scale)))
 
 
@@ -102,12 +103,14 @@ def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tenso
     primal = inf_norm(Gx - torch.clamp(Gx, lo, hi))
     # |b| (the finite bound of an equality row) is a term of the primal residual too.
     primal_scale = torch.maximum(inf_norm(Gx), inf_norm(lo[:, :p]))
-    dual = inf_norm(Hx + g + Gtw)
-    dual_scale = torch.maximum(torch.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw))
-    # bound_i(w_i) w_i, with 0 (not inf * 0) where w_i = 0; an infinite bound with a nonzero
-    # multiplier gives an infinite gap, as it should.
+    # A multiplier that pushes on an infinite bound (w_i > 0 where hi_i = inf, or w_i < 0 where
+    # lo_i = -inf) violates dual feasibility by its size: it joins the dual residual and adds 0
+    # to the gap (solvers leave values like 1e-80 there, which change nothing).
     bound = torch.where(w > 0, hi, torch.where(w < 0, lo, zero))
-    bound_terms = torch.where(w != 0, bound * w, zero)
+    unbounded_side = (w != 0) & ~torch.isfinite(bound)
+    dual = torch.maximum(inf_norm(Hx + g + Gtw), inf_norm(torch.where(unbounded_side, w, zero)))
+    dual_scale = torch.maximum(torch.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw))
+    bound_terms = torch.where((w != 0) & ~unbounded_side, bound * w, zero)
     xHx, gx = x * Hx, g * x
     gap = (xHx.sum(-1) + gx.sum(-1) + bound_terms.sum(-1)).abs()
     # The gap's terms are the products it adds up (x_i (H x)_i, g_i x_i, bound_i w_i): at the
