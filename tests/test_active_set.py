@@ -187,7 +187,7 @@ def test_tolerance_is_checked():
     """The tolerance floor 100 * finfo.eps applies, as in the ALM (an eps_abs of 1e-30 still
     certifies), and an answer that does not solve the problem is rejected by the certification."""
     prob = _problem(FEASIBLE, "strictly_convex")
-    _, certified = _solve(prob, Settings(eps_abs=1e-30))
+    _, certified = _solve(prob, Settings(eps_abs=1e-30, eps_rel=0.0))
     assert bool(certified.all())
     bad = dict(prob)
     bad["l"] = prob["l"].clone()

@@ -638,7 +638,7 @@ def test_learns_constraint_matrix():
     u = torch.ones(m, dtype=DT)
     H = torch.eye(n, dtype=DT)
     points = 2.0 * torch.randn(B, n, generator=gen, dtype=DT)
-    settings = Settings(eps_abs=1e-8)
+    settings = Settings(eps_abs=1e-8, eps_rel=0.0)
     layer = QPLayer(settings)
     with torch.no_grad():
         target = layer(H, -points, C=C_true, u=u).x
@@ -664,7 +664,7 @@ def test_small_positive_entries_stay_free_at_a_loose_tolerance():
     n = g.shape[0]
     weights = torch.arange(1.0, n + 1, dtype=DT)
     sol = solve_qp(torch.eye(n, dtype=DT), g, C=torch.eye(n, dtype=DT), l=torch.zeros(n, dtype=DT),
-                   settings=Settings(eps_abs=1e-6))
+                   settings=Settings(eps_abs=1e-6, eps_rel=0.0))
     assert sol.status == Status.SOLVED
     (weights * sol.x).sum().backward()
     expected = torch.where(g.detach() < 0, -weights, torch.zeros_like(weights))
@@ -710,7 +710,7 @@ def test_gradcheck_dependent_inconsistent_rows(name):
     in both blocks, against finite differences (issue 12: the gradients of losses on y and z
     were wrong on such problems)."""
     prob = _issue12_member(name)
-    settings = Settings(eps_abs=1e-11)
+    settings = Settings(eps_abs=1e-11, eps_rel=0.0)
     sol = solve_qp(**prob, settings=settings)
     assert sol.status == Status.CLOSEST_FEASIBLE
     fn, args = _structured_fn(prob, settings)

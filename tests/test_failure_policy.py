@@ -202,7 +202,8 @@ def test_stalled_member_gets_zero_gradient(fresh_warning):
     for k in prob:
         prob[k] = prob[k].clone()
         prob[k][0] = bad[k]
-    settings = Settings(eps_abs=1e-14, max_iter=100_000, engine="alm")
+    # (An absolute 1e-12: out of reach of member 0, |x| ~ 1e4, and within reach of member 1.)
+    settings = Settings(eps_abs=1e-12, eps_rel=0.0, max_iter=100_000, engine="alm")
     args = leaves(prob)
     sol = solve_qp(**args, settings=settings)
     assert int(sol.status[0]) == Status.STALLED, Status(int(sol.status[0])).name
@@ -225,7 +226,7 @@ def test_nonfinite_incoming_gradient_gives_nan(backward, options, value):
     for k in ("H", "g", "b", "l", "u"):
         prob[k] = prob[k].expand(3, *prob[k].shape).clone()
     prob["g"] += 0.1 * torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=DT)
-    settings = Settings(eps_abs=1e-10)
+    settings = Settings(eps_abs=1e-10, eps_rel=0.0)
     weight = torch.ones(3, 4, dtype=DT)
     sol, ref = grads(prob, backward, options, settings, weight * torch.tensor([[1.0], [0.0], [1.0]], dtype=DT))
     assert (sol.status == Status.SOLVED).all()

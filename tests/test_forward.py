@@ -657,7 +657,7 @@ def test_stall_guard_stops_a_problem_without_progress():
     for k in prob:
         prob[k] = prob[k].clone()
         prob[k][0] = bad[k]
-    settings = Settings(eps_abs=1e-14, max_iter=100_000, engine="alm")
+    settings = Settings(eps_abs=1e-14, eps_rel=0.0, max_iter=100_000, engine="alm")
     sol = solve_qp(**prob, settings=settings)
     assert int(sol.status[0]) == Status.STALLED, Status(int(sol.status[0])).name
     assert int(sol.iterations[0]) <= settings.stall_iter * settings.max_inner_iter

@@ -32,7 +32,7 @@ NAMES = ("H", "g", "A", "b", "C", "l", "u")
 TAUS = (1e-1, 1e-2, 1e-3, 1e-4)
 # Tight enough that the central variant's noise floor (solver error / tau) stays far below the
 # one-sided variants' O(tau) error at tau = 1e-4.
-SETTINGS = Settings(eps_abs=1e-11)
+SETTINGS = Settings(eps_abs=1e-11, eps_rel=0.0)
 
 
 def _mv(M, v):
@@ -239,7 +239,7 @@ def _lp_batch():
 @pytest.mark.parametrize("variant", ["central", "right"])
 def test_lp_vertex_lpgd_gradient_is_nonzero_descent_where_implicit_is_zero(variant):
     prob, x_exact, target = _lp_batch()
-    settings = Settings(eps_abs=1e-9)
+    settings = Settings(eps_abs=1e-9, eps_rel=0.0)
 
     def losses(g, backward="ift", **kw):
         sol = solve_qp(**dict(prob, g=g), settings=settings, backward=backward, **kw)
@@ -269,7 +269,7 @@ def test_lp_left_variant_stays_at_the_vertex():
     returns zero: documented reason why LPs want the right or central variant."""
     prob, _, target = _lp_batch()
     g = prob["g"].clone().requires_grad_()
-    x = solve_qp(**dict(prob, g=g), settings=Settings(eps_abs=1e-9), backward="lpgd", tau=1.0,
+    x = solve_qp(**dict(prob, g=g), settings=Settings(eps_abs=1e-9, eps_rel=0.0), backward="lpgd", tau=1.0,
                  variant="left").x
     ((x - target) ** 2).sum().backward()
     assert g.grad.abs().max() < 1e-6
@@ -362,12 +362,12 @@ def test_non_converged_forward_and_failed_resolve_get_zero_gradient():
     C = torch.ones(3, 1, 1, dtype=DT)
     l = torch.tensor([[0.0], [-INF], [0.0]], dtype=DT)
     u = torch.tensor([[INF], [0.2], [INF]], dtype=DT)
-    P, sol = _solve(dict(H=H, g=g, A=None, b=None, C=C, l=l, u=u), Settings(eps_abs=1e-9))
+    P, sol = _solve(dict(H=H, g=g, A=None, b=None, C=C, l=l, u=u), Settings(eps_abs=1e-9, eps_rel=0.0))
     assert (sol.status[:2] == Status.SOLVED).all()
     sol = sol._replace(status=torch.tensor([int(Status.SOLVED), int(Status.SOLVED), int(Status.MAX_ITER)]))
     gx = torch.tensor([[-5.0], [1.0], [1.0]], dtype=DT)
     with pytest.warns(RuntimeWarning, match="1 problem"):
-        grads = lpgd_backward(P, sol, gx, settings=Settings(eps_abs=1e-9), tau=1.0, variant="right")
+        grads = lpgd_backward(P, sol, gx, settings=Settings(eps_abs=1e-9, eps_rel=0.0), tau=1.0, variant="right")
     assert float(grads["g"][0].abs().max()) == 0.0 and float(grads["l"][0].abs().max()) == 0.0
     assert float(grads["g"][2].abs().max()) == 0.0
     # Problem 1: x = clip(-0.5, -inf, 0.2) = -0.5 is unconstrained, so dL/dg = -gx / H = -1.
@@ -443,7 +443,7 @@ def test_shared_inputs_unbatched_and_float32():
     p32 = {k: v[0].to(torch.float32).clone().requires_grad_() for k, v in prob.items()}
     # tau = 0.1: the float32 solver cannot resolve much smaller perturbations; the central variant
     # has no O(tau) error on a QP anyway.
-    sol = solve_qp(**p32, settings=Settings(eps_abs=1e-6), backward="lpgd", tau=0.1)
+    sol = solve_qp(**p32, settings=Settings(eps_abs=1e-6, eps_rel=0.0), backward="lpgd", tau=0.1)
     assert sol.x.dim() == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -461,7 +461,9 @@ def test_cuda_matches_cpu():
     w = torch.randn(2, 4, generator=torch.Generator().manual_seed(23), dtype=DT)
     out = {}
     for dev in ("cpu", "cuda"):
-        inputs = {k: v.to(dev).requires_grad_() for k, v in prob.items()}
+        # (detach: on the CPU .to() returns the tensor itself, and requires_grad_ on it made the
+        # CUDA copy a non-leaf without a .grad; found on the first GPU run)
+        inputs = {k: v.detach().to(dev).requires_grad_() for k, v in prob.items()}
         (solve_qp(**inputs, settings=SETTINGS, backward="lpgd", tau=1e-3).x * w.to(dev)).sum().backward()
         out[dev] = {k: v.grad for k, v in inputs.items()}
     for k in NAMES:

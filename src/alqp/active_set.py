@@ -51,11 +51,12 @@ _DAQP_STATUS = {
     -4: Status.MAX_ITER,  # DAQP_EXIT_ITERLIMIT
 }
 # DAQP's primal tolerance (a row whose violation, on DAQP's normalized rows, exceeds it enters the
-# active set) and proximal tolerance: the relative certification tolerance, within DAQP's default
-# (1e-6) and round-off. A tenth of it (as before) made DAQP declare feasible Maros-Meszaros
-# problems infeasible (QBEACONF, QBORE3D, QPCBOEI2 at 1e-10; all three solve at 1e-9), so an
-# answer that misses the certification, or an infeasible verdict, is retried on a ladder of
-# tolerances (_TOL_LADDER: tighter first for a missed answer, looser for an infeasible verdict).
+# active set) and proximal tolerance: a tenth of the finest certification tolerance, within DAQP's
+# default (1e-6) and round-off. That made DAQP declare feasible Maros-Meszaros problems infeasible
+# (QBEACONF, QBORE3D, QPCBOEI2 at 1e-10; all three solve at 1e-9), so an answer that misses the
+# certification, or an infeasible verdict, is retried on a ladder of tolerances (_TOL_LADDER:
+# tighter first for a missed answer, looser for an infeasible verdict).
+_INNER_TOL_FACTOR = 0.1
 _INNER_TOL_MAX = 1e-6
 _INNER_TOL_MIN = 1e-13
 _TOL_LADDER = {"tighter": (1e-2, 1e-4), "looser": (1e1, 1e2)}
@@ -166,7 +167,8 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     H_zero = H_zero.tolist()
 
     tol = resolve_tolerance(settings, dtype)
-    inner_tol = min(max(tol.activity, _INNER_TOL_MIN), _INNER_TOL_MAX)
+    finest = min(t for t in tol if t > 0)
+    inner_tol = min(max(_INNER_TOL_FACTOR * finest, _INNER_TOL_MIN), _INNER_TOL_MAX)
     # primal_tol: the violation (of DAQP's normalized rows) beyond which a row enters the active
     # set; DAQP's default 1e-6 would stop on answers that the certification rejects. eta_prox:
     # the proximal iterations of a singular H stop once x moves less than eta_prox / eps_prox,
@@ -217,8 +219,8 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one).
         if settings.closest_feasible and n > 0:
             for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
-                found = _closest_feasible_one(solve, None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG],
-                                              lo[i * sl], hi[i * su], sense, options)
+                data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
+                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype)
                 if found is not None:
                     x_out[i], w_out[i], shift_out[i], extra = found
                     iters[i] += extra
@@ -239,8 +241,9 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
             s_i, x_i = shift_out[idx], x_out[idx]
             # The shifted QP solved, and the shift the least-squares one (alqp.certify).
             t = torch.from_numpy
-            shift_ok = shift_optimal(t(pick(G)), t(pick(lo)), t(pick(hi)), t(x_i), t(s_i), tol).numpy()
-            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], tol)
+            loose = tol.closest_feasible()
+            shift_ok = shift_optimal(t(pick(G)), t(pick(lo)), t(pick(hi)), t(x_i), t(s_i), loose).numpy()
+            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], loose)
             shifted[idx] = ok & shift_ok
 
         status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
@@ -474,6 +477,37 @@ def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:
         return np.ones(K.shape[0], dtype=bool)
     pivot = F.diagonal(dim1=-2, dim2=-1).numpy()
     return (pivot * pivot >= _LDP_MIN_PIVOT * K.diagonal(dim1=-2, dim2=-1).numpy()).all(-1)
+
+
+def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, options: dict, tol: Tolerance,
+                             dtype: torch.dtype):
+    """:func:`_closest_feasible_one` on DAQP's ladder of primal tolerances (its own, then looser,
+    then tighter): the first answer that its certification (on the shifted QP, and the shift's
+    optimality, at :meth:`Tolerance.closest_feasible`) accepts, else the first answer found, or
+    None. (The two phases are sensitive to that tolerance: on the multi-block families of
+    tests/families.py one in ten problems failed at 1e-10 and solved at 1e-9, and others the other
+    way round.)"""
+    H, g, G, lo, hi = data
+    base = options["primal_tol"]
+    ladder = [base] + [min(max(base * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for f in _TOL_LADDER["looser"]
+                       + _TOL_LADDER["tighter"]]
+    loose = tol.closest_feasible()
+    first, iterations = None, 0
+    for primal_tol in dict.fromkeys(ladder):
+        found = _closest_feasible_one(solve, H, g, G, lo, hi, sense, dict(options, primal_tol=primal_tol))
+        if found is None:
+            continue
+        x, w, shift, its = found
+        iterations += its
+        x, w = _rounded(x[None], dtype), _rounded(np.asarray(w)[None], dtype)
+        Hc = H[None] if H is not None else np.zeros((1, x.shape[1], x.shape[1]))
+        t = torch.from_numpy
+        ok = (_certify(Hc, g[None], G[None], lo[None] + shift, hi[None] + shift, p, x, w, loose)[0]
+              and bool(shift_optimal(t(G[None]), t(lo[None]), t(hi[None]), t(x), t(shift[None]), loose)[0]))
+        if ok:
+            return x[0], w[0], shift, iterations
+        first = first or (x[0], w[0], shift)
+    return None if first is None else (*first, iterations)
 
 
 def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):

@@ -96,10 +96,15 @@ def closest_feasible_multipliers(G: Tensor, rows: Tensor, mult: Tensor, s: Tenso
     return w.to(out_dtype)
 
 
-def polish_multipliers(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor, is_eq: Tensor) -> Tensor:
+def polish_multipliers(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor, is_eq: Tensor,
+                       lo: Optional[Tensor] = None, hi: Optional[Tensor] = None, tol: float = 0.0) -> Tensor:
     """Multipliers refitted to stationarity in float64, on the rows that carry one: the smallest
     w with w_i = 0 where mult_i = 0 that minimizes |H x + g + G'w|, kept only where it lowers that
-    residual and leaves every inequality multiplier's sign as it was.
+    residual and leaves every inequality multiplier's sign as it was. Given the rows' bounds
+    ``lo``, ``hi`` (B,k) (of the shifted QP where it is shifted), only rows on a bound (within
+    :func:`row_tolerance` at ``tol``) keep a multiplier: an ALM iterate short of its fixed point
+    carries small multipliers on rows a little inside their bounds, and a least-squares refit that
+    kept them spread the multipliers of an LP onto inactive rows (a duality gap of 2%).
 
     An ALM's multipliers are residuals divided by the penalty, so their round-off grows as
     1/mu: at the penalty floor of a closest-feasible float32 solve (mu 1e-6) stationarity held only
@@ -115,6 +120,11 @@ def polish_multipliers(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor,
     out_dtype = mult.dtype
     H, g, G, x, mult = (t.double() for t in (H, g, G, x, mult))
     rows = (mult != 0) | is_eq
+    if lo is not None:
+        lo, hi = lo.double(), hi.double()
+        Gx = vm(x, G.transpose(-1, -2))
+        slack = row_tolerance(G, lo, hi, x, tol)
+        rows = rows & (is_eq | ((Gx - hi).abs() <= slack) | ((Gx - lo).abs() <= slack))
     r = vm(x, H.transpose(-1, -2)) + g
     before = inf_norm(r + vm(mult, G))
     best, best_res = mult, before
@@ -153,25 +163,5 @@ def closest_feasible_output(H: Tensor, g: Tensor, A: Tensor, b: Tensor, C: Tenso
     G = torch.cat([A, C], -2)
     is_eq = torch.arange(G.shape[-2], device=x.device) < p
     if polish:
-        mult = polish_multipliers(H, g, G, x, mult, is_eq)
-    mult = closest_feasible_multipliers(G, rows, mult, s, is_eq)
-    # The choice moves the multipliers along s, which is in null(G_V') only to the solver's
-    # accuracy, by t (up to thousands): stationarity lost up to 1e-8 relative there. One
-    # minimum-norm correction on the rows that carry a multiplier restores it and moves them by
-    # no more than the residual it removes.
-    return s, correct_stationarity(H, g, G, x, mult, is_eq)
-
-
-def correct_stationarity(H: Tensor, g: Tensor, G: Tensor, x: Tensor, mult: Tensor, is_eq: Tensor) -> Tensor:
-    """mult + d, d the smallest correction on the rows that carry a multiplier (w_i != 0, and
-    the equality rows) that minimizes |H x + g + G'(mult + d)|, kept where it lowers that residual
-    and flips no inequality multiplier's sign. Shapes as :func:`polish_multipliers`; float64 inside."""
-    out_dtype = mult.dtype
-    H, g, G, x, mult = (t.double() for t in (H, g, G, x, mult))
-    rows = (mult != 0) | is_eq
-    residual = vm(x, H.transpose(-1, -2)) + g + vm(mult, G)
-    GJt = (rows.unsqueeze(-1) * G).transpose(-1, -2)  # (B,n,k)
-    corrected = mult - vm(residual, torch.linalg.pinv(GJt, rtol=1e-12).transpose(-1, -2))
-    flipped = (~is_eq & (corrected * mult < 0)).any(-1)
-    better = ~flipped & (inf_norm(vm(x, H.transpose(-1, -2)) + g + vm(corrected, G)) < inf_norm(residual))
-    return torch.where(better.unsqueeze(-1), corrected, mult).to(out_dtype)
+        mult = polish_multipliers(H, g, G, x, mult, is_eq, torch.cat([b, l], -1) + s, torch.cat([b, u], -1) + s, tol)
+    return s, closest_feasible_multipliers(G, rows, mult, s, is_eq)

@@ -310,7 +310,10 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol:
         # g where no bound is finite.
         beta = _vector_size(E * b, F * l, F * u)
         beta = torch.where(beta > tiny, beta, (c * gs.abs().amax(-1) if n > 0 else beta).clamp_min(0.0))
-        beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
+        # (Only beyond a factor 1e3 from one: within it the ALM's penalties, calibrated on data of
+        # size one, serve as they are, and its closest-feasible search was measured to be more
+        # reliable unmoved.)
+        beta = torch.where((beta > tiny) & ((beta > 1e3) | (beta < 1e-3)), beta, torch.ones_like(beta))
         D, E, F, c = D * beta.unsqueeze(-1), E / beta.unsqueeze(-1), F / beta.unsqueeze(-1), c / (beta * beta)
         gs = D * g
     scaled = replace(

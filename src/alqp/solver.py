@@ -12,6 +12,7 @@ stopping are measured in the caller's units.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
@@ -170,10 +171,39 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
             return solution, factor
         rest = (~certified).nonzero().squeeze(-1)
         ws = None if ws is None else [t.index_select(0, rest) for t in ws]
-        fallback = _certified(problem.select(rest), solve_alm(problem.select(rest), settings, ws), settings)
+        fallback = _solve_alm_certified(problem.select(rest), settings, ws)
         solution = QPSolution(*(t.index_copy(0, rest, f) for t, f in zip(solution, fallback)))
         return report_non_convex(problem, solution), factor
-    return report_non_convex(problem, _certified(problem, solve_alm(problem, settings, warm_start), settings)), None
+    return report_non_convex(problem, _solve_alm_certified(problem, settings, warm_start)), None
+
+
+def _solve_alm_certified(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
+    """The ALM on a canonical batch, its answers certified as the caller gets them
+    (:func:`_certified`); in a dtype below float64, the problems it could not certify and its
+    closest-feasible ones are solved again in float64 and certified, rounded, in their own dtype
+    (the ALM's multipliers, residuals over the penalty, lose the digits float32 has at the penalty
+    floor of an infeasible QP: a float32 closest-feasible x was off by 2e-2)."""
+    solution = _certified(problem, solve_alm(problem, settings, warm_start), settings)
+    if problem.H.dtype == torch.float64:
+        return solution
+    status = solution.status
+    retry = ((~has_solution(status) & (status != int(Status.PRIMAL_INFEASIBLE)) & (status != int(Status.DUAL_INFEASIBLE)))
+             | (status == int(Status.CLOSEST_FEASIBLE)))
+    if not bool(retry.any()):
+        return solution
+    idx = retry.nonzero().squeeze(-1)
+    sub = problem.select(idx)
+    wide = replace(sub, **{name: t.double() for name, t in sub.tensors().items()})
+    again = solve_alm(wide, settings)
+    again = QPSolution(*(t.to(problem.H.dtype) for t in again[:5]), again.status, again.iterations)
+    again = _certified(sub, again, settings)
+    # (A float32 closest-feasible answer is replaced whatever the float64 one's status: it was
+    # not trusted.)
+    better = has_solution(again.status) | (status[idx] == int(Status.CLOSEST_FEASIBLE))
+    if not bool(better.any()):
+        return solution
+    keep = idx[better]
+    return QPSolution(*(t.index_copy(0, keep, a[better]) for t, a in zip(solution, again)))
 
 
 def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> QPSolution:
@@ -412,6 +442,7 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
         floor_p = 0.1 * eps_p * w.R.amin(-1) if k else 0.1 * eps_p
         floor_d = 0.1 * tol.bound(cost_scale) * w.c * w.D.amin(-1)
         # The one certification (alqp.certify): primal, dual and duality gap, caller units.
+        was_shifted = (w.shift != 0).any(-1)
         solved = res.meets(tol)
         solved = solved | _polish_multipliers(w, problem, res, solved, eps_p, eps_d, tol)
         at_floor = at_penalty_floor(w)
@@ -440,7 +471,6 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
             # infeasible; its answer is certified later, on the shifted QP, without this allowance.
             allowance = detect + 10 * torch.finfo(dtype).eps * _multiplier_roundoff(w, is_eq)
             infeasible = infeasible & (dual <= 10 * allowance)
-        was_shifted = (w.shift != 0).any(-1)
         wrong_shift = solved & was_shifted
         if bool(wrong_shift.any()):
             # A shift taken before x reached the closest feasible point is not the least-squares
@@ -449,7 +479,8 @@ def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolu
             idx = wrong_shift.nonzero().squeeze(-1)
             lo0, hi0 = w.lo[idx] - w.shift[idx], w.hi[idx] - w.shift[idx]
             Gx0 = Gx[idx]
-            wrong_shift[idx] = ~shift_optimal(w.G[idx], lo0, hi0, w.x[idx], Gx0 - torch.clamp(Gx0, lo0, hi0), tol)
+            wrong_shift[idx] = ~shift_optimal(w.G[idx], lo0, hi0, w.x[idx], Gx0 - torch.clamp(Gx0, lo0, hi0),
+                                              tol.closest_feasible())
             if bool(wrong_shift.any()):
                 undo = wrong_shift.nonzero().squeeze(-1)
                 w.lo[undo] -= w.shift[undo]
@@ -551,8 +582,10 @@ def _polish_multipliers(w: _Work, problem: QPProblem, res, solved: Tensor, eps_p
     is_eq = torch.arange(G.shape[-2], device=G.device) < p
     R, c = w.R[idx], w.c[idx].unsqueeze(-1)
     x = w.x[idx] * w.D[idx]
-    refit = polish_multipliers(sub.H, sub.g, G, x, w.mult_cur[idx] * R / c, is_eq)
     lo, hi = w.lo[idx] / R, w.hi[idx] / R  # caller units, with the shift of a shifted problem
+    refit = polish_multipliers(sub.H, sub.g, G, x, w.mult_cur[idx] * R / c, is_eq, lo, hi, tol.activity)
+    # (At the asked tolerance for shifted problems too: the looser one of the final certification
+    # covers round-off, and a problem let go at it would leave with x less accurate than it can be.)
     ok = certify_residuals(sub.H.double(), sub.g.double(), G.double(), lo.double(), hi.double(), p, x.double(),
                            refit.double()).meets(tol)
     if bool(ok.any()):
