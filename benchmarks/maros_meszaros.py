@@ -198,14 +198,15 @@ def residuals(problem: dict, x, y, z) -> dict:
 
 def meets_tolerance(result: dict, eps_abs: float, eps_rel: float = 0.0) -> bool:
     """Whether each residual meets alqp's tolerance ``r <= eps_abs + eps_rel * s``, with alqp's
-    sizes s of the terms: ``primal_scale``, ``dual_scale`` and, for the gap, ``gap_products``.
+    sizes s of the terms: ``primal_terms`` (|A||x|, ...), ``dual_scale`` and, for the gap,
+    ``gap_products``.
 
     Args:
         result: a dict with ``primal``, ``dual``, ``gap`` and ``primal_scale``, ``dual_scale``,
             ``gap_scale`` (as :func:`residuals` returns, or a :func:`judge` record).
         eps_abs, eps_rel: the tolerances of the :class:`alqp.Settings` used for the solve.
     """
-    scales = dict(primal=result["primal_scale"], dual=result["dual_scale"], gap=result["gap_products"])
+    scales = dict(primal=result["primal_terms"], dual=result["dual_scale"], gap=result["gap_products"])
     return all(result[k] <= eps_abs + eps_rel * scales[k] for k in ("primal", "dual", "gap"))
 
 

@@ -10,7 +10,7 @@ the test is scale-free: a QP and its copy with all seven tensors multiplied by 1
 together. The three residuals, with y, z signed as in ProxSuite (H x + g + A'y + C'z = 0,
 z_i > 0 only at u_i, z_i < 0 only at l_i):
 
-    primal   |G x - clip(G x, lo, hi)|                          terms: G x, b
+    primal   |G x - clip(G x, lo, hi)|                          terms: |G||x|, b
     dual     |H x + g + A'y + C'z|                              terms: H x, g, A'y, C'z
     gap      |x'Hx + g'x + sum_i bound_i(w_i) w_i|              terms: the products it sums
              (G = [A; C], lo = [b; l], hi = [b; u], w = [y; z], bound_i(w_i) = hi_i where w_i > 0,
@@ -103,13 +103,15 @@ class Residuals(NamedTuple):
 
 
 def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tensor, hi: Tensor, w: Tensor,
-            p: int) -> Residuals:
+            p: int, Gx_size: Tensor) -> Residuals:
     """The residuals from the products an engine has at hand, all in the caller's units.
 
     Args:
         x (B,n), Hx (B,n) = H x, g (B,n), Gx (B,k) = [A; C] x, Gtw (B,n) = [A; C]' w,
         lo, hi (B,k) = [b; l], [b; u] (of the shifted QP for a closest-feasible answer; entries of
-        l, u may be infinite), w (B,k) = [y; z], p: the number of equality rows (the first p).
+        l, u may be infinite), w (B,k) = [y; z], p: the number of equality rows (the first p),
+        Gx_size (B,k) = |[A; C]| |x|: the size of G x's summands, a term of the primal residual
+        (A x = b = 0 has |A x| of round-off size only: HS52 of Maros-Meszaros).
 
     Returns:
         :class:`Residuals`.
@@ -117,7 +119,7 @@ def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tenso
     zero = torch.zeros_like(lo)
     primal = inf_norm(Gx - torch.clamp(Gx, lo, hi))
     # |b| (the finite bound of an equality row) is a term of the primal residual too.
-    primal_scale = torch.maximum(inf_norm(Gx), inf_norm(lo[:, :p]))
+    primal_scale = torch.maximum(inf_norm(Gx_size), inf_norm(lo[:, :p]))
     # A multiplier that pushes on an infinite bound (w_i > 0 where hi_i = inf, or w_i < 0 where
     # lo_i = -inf) violates dual feasibility by its size: it joins the dual residual and adds 0
     # to the gap (solvers leave values like 1e-80 there, which change nothing).
@@ -140,8 +142,9 @@ def residuals(H: Tensor, g: Tensor, G: Tensor, lo: Tensor, hi: Tensor, p: int, x
     Hx = torch.matmul(H, x.unsqueeze(-1)).squeeze(-1)
     Gx = torch.matmul(G, x.unsqueeze(-1)).squeeze(-1)
     Gtw = torch.matmul(w.unsqueeze(-2), G).squeeze(-2)
+    Gx_size = torch.matmul(G.abs(), x.abs().unsqueeze(-1)).squeeze(-1)
     B = x.shape[0]
-    return measure(x, Hx, g.expand(B, -1), Gx, Gtw, lo.expand(B, -1), hi.expand(B, -1), w, p)
+    return measure(x, Hx, g.expand(B, -1), Gx, Gtw, lo.expand(B, -1), hi.expand(B, -1), w, p, Gx_size)
 
 
 def shift_optimal(G: Tensor, lo: Tensor, hi: Tensor, x: Tensor, s: Tensor, tol: Tolerance) -> Tensor:
