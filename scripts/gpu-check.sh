@@ -2,7 +2,7 @@
 # The GPU checks, run on the device machine (see README, "GPU"): the CUDA tests, the CPU-vs-CUDA
 # check of every oracle family (scripts/cuda_check.py) and the scaling preset on CUDA.
 # Needs the test oracles' wheels in .whl/ (cvxpy and its solvers, daqp, qpth): that machine has no
-# network. Writes its logs and JSON to $OUT (default results/).
+# network: scripts/gpu-wheels.sh fetches them here. Writes its logs and JSON to $OUT (default results/).
 set -u
 out=${OUT:-results}
 mkdir -p "$out"
