@@ -103,6 +103,10 @@ def _batched_warm_start(warm_start, problem: QPProblem):
     return out
 
 
+#: How far above its tolerance a feasible iterate's dual residual may be for _polish_multipliers to try a refit.
+REFIT_WINDOW = 1e3
+
+
 class _Work:
     """The working set: the undecided problems and their iterates, all indexed alike.
 
@@ -213,8 +217,7 @@ def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> 
     that misses the tolerance becomes INACCURATE where round-off explains it, else MAX_ITER."""
     tol = resolve_tolerance(settings, problem.H.dtype)
     ok = solution_meets(problem, solution, tol)
-    claimed = (solution.status == int(Status.SOLVED)) | (solution.status == int(Status.CLOSEST_FEASIBLE))
-    wrong = claimed & ~ok
+    wrong = has_solution(solution.status) & ~ok
     if not bool(wrong.any()):
         return solution
     status = torch.where(wrong, int(Status.MAX_ITER), solution.status)
@@ -571,7 +574,7 @@ def _polish_multipliers(w: _Work, problem: QPProblem, res, solved: Tensor, eps_p
     (:func:`alqp.activity.polish_multipliers`, float64) and kept, in ``w.mult_cur``, where the
     refit passes the one certification (on the shifted QP of a shifted problem, whose multipliers
     get alqp's choice when it leaves)."""
-    candidates = ~solved & ~w.done & (res.primal <= eps_p) & (res.dual <= 1e3 * eps_d)
+    candidates = ~solved & ~w.done & (res.primal <= eps_p) & (res.dual <= REFIT_WINDOW * eps_d)
     out = torch.zeros_like(solved)
     if not bool(candidates.any()):
         return out
