@@ -21,12 +21,15 @@ import alqp.solver as solver
 from alqp.bench.problems import random_qp_batch
 
 
+SETTINGS = alqp.Settings(engine="alm")
+
+
 def one_call(qp, device, dtype) -> tuple[float, int]:
     tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in qp.tensors()]
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    sol = alqp.solve_qp(*tensors, settings=alqp.Settings(engine="alm"))
+    sol = alqp.solve_qp(*tensors, settings=SETTINGS)
     sol.x.sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -40,8 +43,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eps-abs", type=float, default=None,
+                        help="a purely absolute tolerance (as the benchmark presets give), instead of the default")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
+    global SETTINGS
+    if args.eps_abs is not None:
+        SETTINGS = alqp.Settings(engine="alm", eps_abs=args.eps_abs, eps_rel=0.0)
     dtype = getattr(torch, args.dtype)
     qp = random_qp_batch(args.batch, args.n, args.n // 2, args.n // 2, seed=0)
     one_call(qp, args.device, dtype)  # warm-up
@@ -67,7 +75,7 @@ def main() -> None:
         solver._polish_multipliers = polish
     print(f"without the multiplier refit: {no_polish * 1e3:.1f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile-alm.json").write_text(json.dumps(dict(
+    (args.out / f"profile-alm{'' if args.eps_abs is None else '-abs'}.json").write_text(json.dumps(dict(
         device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
         batch=args.batch, n=args.n, dtype=args.dtype, median_ms=wall * 1e3, no_refit_ms=no_polish * 1e3,
         newton_steps_max=times[0][1], top_device=table_device, top_host=table_host), indent=1))
