@@ -60,6 +60,13 @@ _INNER_TOL_FACTOR = 0.1
 _INNER_TOL_MAX = 1e-6
 _INNER_TOL_MIN = 1e-13
 _TOL_LADDER = {"tighter": (1e-2, 1e-4), "looser": (1e1, 1e2)}
+
+
+def _ladder(base: float, *sides: str) -> list:
+    """The primal tolerances to retry after ``base``, on the given sides of _TOL_LADDER, within
+    [_INNER_TOL_MIN, _INNER_TOL_MAX], each once and none equal to ``base``."""
+    steps = [min(max(base * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for side in sides for f in _TOL_LADDER[side]]
+    return [t for t in dict.fromkeys(steps) if t != base]
 # The least-distance form (_LeastDistanceForm) takes a problem only where each Cholesky pivot of H
 # (and of the equality rows' Gram matrix) keeps this fraction of its row's diagonal entry: a row
 # within sin(angle) = 1e-5 of the span of the rows before it loses the digits the LDP needs, and
@@ -489,11 +496,9 @@ def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, opti
     way round.)"""
     H, g, G, lo, hi = data
     base = options["primal_tol"]
-    ladder = [base] + [min(max(base * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for f in _TOL_LADDER["looser"]
-                       + _TOL_LADDER["tighter"]]
     loose = tol.closest_feasible()
     first, iterations = None, 0
-    for primal_tol in dict.fromkeys(ladder):
+    for primal_tol in [base] + _ladder(base, "looser", "tighter"):
         found = _closest_feasible_one(solve, H, g, G, lo, hi, sense, dict(options, primal_tol=primal_tol))
         if found is None:
             continue
@@ -580,8 +585,7 @@ def _solve_direct(solve, data: tuple, sense: np.ndarray, p: int, options: dict, 
         if primal_tol == base:  # the ladder's direction is set by the first verdict
             side = "looser" if flag == _DAQP_INFEASIBLE else "tighter" if flag == _DAQP_OPTIMAL else None
             if side is not None:
-                tries = [min(max(base * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for f in _TOL_LADDER[side]]
-                tries = [t for t in dict.fromkeys(tries) if t != base]
+                tries = _ladder(base, side)
     x, w, flag = first
     return x, w, flag, iterations, False
 
