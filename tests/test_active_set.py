@@ -347,3 +347,26 @@ def test_least_distance_form_infeasible_and_mixed(monkeypatch):
         member = F.member(mixed, i)
         kkt = _kkt_violation(member, sol.x[i].numpy(), sol.y[i], sol.z[i])
         assert max(kkt.values()) <= TOL_KKT, (i, kkt)
+
+
+def test_closest_feasible_with_shared_rows_and_per_problem_bounds():
+    """Per-problem b with shared C, l, u: numpy laid out the stacked bounds column by column, and
+    DAQP, which reads each problem's row as a plain buffer, got another problem's bounds. The
+    infeasible members (sum(x) = b beyond 0 <= x <= 1) were then left to the ALM; the engine's
+    own closest-feasible phases now certify them, against the oracle's shift."""
+    n, B = 4, 6
+    gen = torch.Generator().manual_seed(3)
+    M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    H = M @ M.T + 0.1 * torch.eye(n, dtype=torch.float64)
+    g = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    A = torch.ones(1, n, dtype=torch.float64)
+    b = torch.tensor([[1.0], [5.5], [2.0], [6.0], [0.5], [4.5]], dtype=torch.float64)
+    C = torch.eye(n, dtype=torch.float64)
+    l, u = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    sol, certified = _solve(dict(H=H, g=g, A=A, b=b, C=C, l=l, u=u))
+    assert bool(certified.all()), certified
+    infeasible = (b[:, 0] > n).tolist()
+    assert sol.status.tolist() == [int(Status.CLOSEST_FEASIBLE if f else Status.SOLVED) for f in infeasible]
+    for i in range(B):
+        r = O.cvxpy_closest_feasible(H, g[i], A, b[i], C, l, u)
+        assert np.abs(sol.x[i].numpy() - r.x).max() < 1e-6, i

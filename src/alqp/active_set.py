@@ -109,10 +109,13 @@ def _device_tensor(a: np.ndarray, dtype: torch.dtype, device) -> Tensor:
 
 def _rows(blocks: list, batch: int) -> np.ndarray:
     """Concatenate host arrays along axis 1, broadcasting shared (leading 1) blocks to ``batch``
-    only when another block is not shared."""
+    only when another block is not shared. The result is C-contiguous: DAQP reads each problem's
+    row as a plain buffer, and numpy lays out a concatenation of broadcast blocks column by column
+    (a batch with per-problem b and shared l, u gave DAQP another problem's bounds, and its
+    closest-feasible phase a wrong shift)."""
     if all(a.shape[0] == 1 for a in blocks):
-        return np.concatenate(blocks, axis=1)
-    return np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1)
+        return np.ascontiguousarray(np.concatenate(blocks, axis=1))
+    return np.ascontiguousarray(np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1))
 
 
 def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"] = None
