@@ -142,3 +142,19 @@ def test_optnet_model_gradient_matches_finite_differences(one_thread):
         fd = (loss_at(A0 + h * dA, z0 + h * dz) - loss_at(A0 - h * dA, z0 - h * dz)) / (2 * h)
         analytic = float((model.A.grad * dA).sum() + (model.log_z0.grad * dz).sum())
         assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (analytic, fd)
+
+
+def test_ddp_example_runs_in_one_process(tmp_path):
+    """examples/sudoku/train_ddp.py without torchrun (one process): a seconds-long smoke run that
+    trains, evaluates and writes its JSON."""
+    import train_ddp
+
+    threads = torch.get_num_threads()
+    try:
+        result = train_ddp.main(["--train", "300", "--test", "100", "--epochs", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # (the example sets its process's share of the cores)
+    assert result["world"] == 1 and len(result["history"]) == 1
+    row = result["history"][0]
+    assert 0 <= row["test_errors"] <= 100 and row["train_loss"] > 0
+    assert (tmp_path / "sudoku-ddp.json").exists()
