@@ -163,7 +163,7 @@ def residuals(problem: dict, x, y, z) -> dict:
                          f"p={b.size}, m={l.size}")
     out = dict(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
                gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, gap_products=0.0,
-               dual_sign=math.inf,
+               dual_products=0.0, dual_sign=math.inf,
                objective=math.nan)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(z))):
         return out
@@ -190,6 +190,8 @@ def residuals(problem: dict, x, y, z) -> dict:
     # alqp's own size of the gap's terms (alqp.certify): the products it adds up, each summed in
     # absolute value (sum |x_i (Hx)_i|, sum |g_i x_i|, sum |bound_i w_i|).
     bound_w = np.concatenate([np.abs(b * y), np.abs(u[up] * zp[up]), np.abs(l[lo] * zm[lo])])
+    # alqp's size of the dual residual's terms: |Hx|, |g| and the summands of A'y + C'z.
+    out["dual_products"] = max(_inf_norm(Hx), _inf_norm(g), _inf_norm(np.abs(A).T @ np.abs(y) + np.abs(C).T @ np.abs(z)))
     out["gap_products"] = max(float(np.abs(x * Hx).sum()), float(np.abs(g * x).sum()), float(bound_w.sum()))
     out["gap_terms"] = max(float(ax @ aH @ ax), float(np.abs(g) @ ax), float(np.abs(b) @ ay),
                            float(np.abs(u[up]) @ zp[up]), float(-np.abs(l[lo]) @ zm[lo]))
@@ -198,15 +200,15 @@ def residuals(problem: dict, x, y, z) -> dict:
 
 def meets_tolerance(result: dict, eps_abs: float, eps_rel: float = 0.0) -> bool:
     """Whether each residual meets alqp's tolerance ``r <= eps_abs + eps_rel * s``, with alqp's
-    sizes s of the terms: ``primal_terms`` (|A||x|, ...), ``dual_scale`` and, for the gap,
-    ``gap_products``.
+    sizes s of the terms: ``primal_terms`` (|A||x|, ...), ``dual_products`` (|Hx|, |g|,
+    |A'||y| + |C'||z|) and, for the gap, ``gap_products``.
 
     Args:
         result: a dict with ``primal``, ``dual``, ``gap`` and ``primal_scale``, ``dual_scale``,
             ``gap_scale`` (as :func:`residuals` returns, or a :func:`judge` record).
         eps_abs, eps_rel: the tolerances of the :class:`alqp.Settings` used for the solve.
     """
-    scales = dict(primal=result["primal_terms"], dual=result["dual_scale"], gap=result["gap_products"])
+    scales = dict(primal=result["primal_terms"], dual=result["dual_products"], gap=result["gap_products"])
     return all(result[k] <= eps_abs + eps_rel * scales[k] for k in ("primal", "dual", "gap"))
 
 
@@ -231,7 +233,7 @@ def judge(problem: dict, answer: dict, reference: float | None) -> dict:
     if answer.get("x") is None:
         rec.update(primal=math.inf, dual=math.inf, gap=math.inf, primal_scale=0.0, dual_scale=0.0,
                    gap_scale=0.0, primal_terms=0.0, dual_terms=0.0, gap_terms=0.0, gap_products=0.0,
-                   dual_sign=math.inf,
+                   dual_products=0.0, dual_sign=math.inf,
                    objective=math.nan)
     else:
         rec.update(residuals(problem, answer["x"], answer["y"], answer["z"]))

@@ -15,10 +15,6 @@ _F32_CF = ("issue 17: float32 closest-feasible answers are now re-solved in floa
            "by 2e-2 as CLOSEST_FEASIBLE)")
 KNOWN_DEFECTS: dict = {
     # "test_file.py::test_name[param]": "reason",
-    "test_forward.py::test_status[alm-infeasible_bound_rows]":
-        "issue 17: member 4's ALM closest-feasible multipliers violate complementarity (duality gap 6e-3 "
-        "relative; x and the shift are right): the certification reports MAX_ITER where CLOSEST_FEASIBLE "
-        "was claimed before",
     "test_forward.py::test_float32[alm-infeasible_eq_duplicated]": _F32_CF,
     "test_forward.py::test_float32[alm-infeasible_ineq]": _F32_CF,
     "test_forward.py::test_float32[active_set-infeasible_eq_duplicated]": _F32_CF,

@@ -11,7 +11,7 @@ together. The three residuals, with y, z signed as in ProxSuite (H x + g + A'y +
 z_i > 0 only at u_i, z_i < 0 only at l_i):
 
     primal   |G x - clip(G x, lo, hi)|                          terms: |G||x|, b
-    dual     |H x + g + A'y + C'z|                              terms: H x, g, A'y, C'z
+    dual     |H x + g + A'y + C'z|                              terms: H x, g, |G'||w|
     gap      |x'Hx + g'x + sum_i bound_i(w_i) w_i|              terms: the products it sums
              (G = [A; C], lo = [b; l], hi = [b; u], w = [y; z], bound_i(w_i) = hi_i where w_i > 0,
              lo_i where w_i < 0: the gap is b'y + u'[z]+ + l'[z]- plus x'Hx + g'x)
@@ -103,7 +103,7 @@ class Residuals(NamedTuple):
 
 
 def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tensor, hi: Tensor, w: Tensor,
-            p: int, Gx_size: Tensor) -> Residuals:
+            p: int, Gx_size: Tensor, Gtw_size: Tensor) -> Residuals:
     """The residuals from the products an engine has at hand, all in the caller's units.
 
     Args:
@@ -112,6 +112,8 @@ def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tenso
         l, u may be infinite), w (B,k) = [y; z], p: the number of equality rows (the first p),
         Gx_size (B,k) = |[A; C]| |x|: the size of G x's summands, a term of the primal residual
         (A x = b = 0 has |A x| of round-off size only: HS52 of Maros-Meszaros).
+        Gtw_size (B,n) = |[A; C]|' |w|: the size of G'w's summands, a term of the dual residual (the
+        multipliers of a closest-feasible QP's dependent rows are large and cancel in G'w).
 
     Returns:
         :class:`Residuals`.
@@ -126,7 +128,7 @@ def measure(x: Tensor, Hx: Tensor, g: Tensor, Gx: Tensor, Gtw: Tensor, lo: Tenso
     bound = torch.where(w > 0, hi, torch.where(w < 0, lo, zero))
     unbounded_side = (w != 0) & ~torch.isfinite(bound)
     dual = torch.maximum(inf_norm(Hx + g + Gtw), inf_norm(torch.where(unbounded_side, w, zero)))
-    dual_scale = torch.maximum(torch.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw))
+    dual_scale = torch.maximum(torch.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw_size))
     bound_terms = torch.where((w != 0) & ~unbounded_side, bound * w, zero)
     xHx, gx = x * Hx, g * x
     gap = (xHx.sum(-1) + gx.sum(-1) + bound_terms.sum(-1)).abs()
@@ -142,9 +144,11 @@ def residuals(H: Tensor, g: Tensor, G: Tensor, lo: Tensor, hi: Tensor, p: int, x
     Hx = torch.matmul(H, x.unsqueeze(-1)).squeeze(-1)
     Gx = torch.matmul(G, x.unsqueeze(-1)).squeeze(-1)
     Gtw = torch.matmul(w.unsqueeze(-2), G).squeeze(-2)
-    Gx_size = torch.matmul(G.abs(), x.abs().unsqueeze(-1)).squeeze(-1)
+    absG = G.abs()
+    Gx_size = torch.matmul(absG, x.abs().unsqueeze(-1)).squeeze(-1)
+    Gtw_size = torch.matmul(w.abs().unsqueeze(-2), absG).squeeze(-2)
     B = x.shape[0]
-    return measure(x, Hx, g.expand(B, -1), Gx, Gtw, lo.expand(B, -1), hi.expand(B, -1), w, p, Gx_size)
+    return measure(x, Hx, g.expand(B, -1), Gx, Gtw, lo.expand(B, -1), hi.expand(B, -1), w, p, Gx_size, Gtw_size)
 
 
 def shift_optimal(G: Tensor, lo: Tensor, hi: Tensor, x: Tensor, s: Tensor, tol: Tolerance) -> Tensor:

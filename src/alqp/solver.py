@@ -641,7 +641,7 @@ def _residuals(w: _Work, p: int, Hx: Tensor, Gx: Tensor):
     unscale = 1.0 / (w.c.unsqueeze(-1) * w.D)
     # Caller units: x = D x_s, H x = (H_s x_s) / (c D), G x = (G_s x_s) / R, w = R w_s / c.
     res = measure(w.x * w.D, Hx * unscale, w.g * unscale, Gx / w.R, GTm * unscale, w.lo / w.R, w.hi / w.R,
-                  mult * w.R / w.c.unsqueeze(-1), p, vm(w.x.abs(), w.absGT) / w.R)
+                  mult * w.R / w.c.unsqueeze(-1), p, vm(w.x.abs(), w.absGT) / w.R, vm(mult.abs(), w.absG) * unscale)
     # Stationarity of the squared violation in the metric the iterations minimize (the scaled
     # rows; the caller's metric up to one factor whenever closest_feasible is on).
     infeas = inf_norm(vm(r * w.R, w.G) / w.D)
