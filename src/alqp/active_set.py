@@ -226,7 +226,8 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
         status = np.full(B, int(Status.SOLVED), dtype=np.int64)
     else:
-        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one).
+        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one),
+        # kept only where certified.
         if settings.closest_feasible and n > 0:
             for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
                 data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
@@ -245,16 +246,7 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
         solved = flags == _DAQP_OPTIMAL
         certified &= finite
-        if shifted.any():
-            idx = np.flatnonzero(shifted)
-            pick = lambda a: a if a.shape[0] == 1 else a[idx]  # noqa: E731
-            s_i, x_i = shift_out[idx], x_out[idx]
-            # The shifted QP solved, and the shift the least-squares one (alqp.certify).
-            t = torch.from_numpy
-            loose = tol.closest_feasible()
-            shift_ok = shift_optimal(t(pick(G)), t(pick(lo)), t(pick(hi)), t(x_i), t(s_i), loose).numpy()
-            ok = _certify(pick(H), pick(g), pick(G), pick(lo) + s_i, pick(hi) + s_i, p, x_i, w_out[idx], loose)
-            shifted[idx] = ok & shift_ok
+        # (A shifted answer was certified as it was found, by _closest_feasible_ladder.)
 
         status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
         for flag, st in _DAQP_STATUS.items():
@@ -492,15 +484,14 @@ def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:
 def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, options: dict, tol: Tolerance,
                              dtype: torch.dtype):
     """:func:`_closest_feasible_one` on DAQP's ladder of primal tolerances (its own, then looser,
-    then tighter): the first answer that its certification (on the shifted QP, and the shift's
-    optimality, at :meth:`Tolerance.closest_feasible`) accepts, else the first answer found, or
-    None. (The two phases are sensitive to that tolerance: on the multi-block families of
-    tests/families.py one in ten problems failed at 1e-10 and solved at 1e-9, and others the other
-    way round.)"""
+    then tighter): the first answer, rounded to ``dtype``, that its certification (on the shifted
+    QP, and the shift's optimality, at :meth:`Tolerance.closest_feasible`) accepts, or None. (The
+    two phases are sensitive to that tolerance: on the multi-block families of tests/families.py
+    one in ten problems failed at 1e-10 and solved at 1e-9, and others the other way round.)"""
     H, g, G, lo, hi = data
     base = options["primal_tol"]
     loose = tol.closest_feasible()
-    first, iterations = None, 0
+    iterations = 0
     for primal_tol in [base] + _ladder(base, "looser", "tighter"):
         found = _closest_feasible_one(solve, H, g, G, lo, hi, sense, dict(options, primal_tol=primal_tol))
         if found is None:
@@ -514,8 +505,7 @@ def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, opti
               and bool(shift_optimal(t(G[None]), t(lo[None]), t(hi[None]), t(x), t(shift[None]), loose)[0]))
         if ok:
             return x[0], w[0], shift, iterations
-        first = first or (x[0], w[0], shift)
-    return None if first is None else (*first, iterations)
+    return None
 
 
 def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):
