@@ -228,7 +228,7 @@ def test_unconstrained_and_unbatched():
 
 
 # ----------------------------------------------------------------------------------------------
-# The engine setting and the dispatch in alqp.solver.solve_problem
+# The engine setting and the dispatch in alqp.solver.solve_problem_factored
 # ----------------------------------------------------------------------------------------------
 def test_engine_setting_is_validated_and_auto_picks_active_set_on_cpu():
     with pytest.raises(ValueError, match="engine"):

@@ -25,7 +25,7 @@ import torch
 from alqp import QPLayer, Settings, Status, solve_qp
 from alqp.backward import classify_rows, implicit_backward, lstsq_min_norm
 from alqp.problem import canonicalize
-from alqp.solver import QPSolution
+from alqp.types import QPSolution
 
 import families as F
 

@@ -22,7 +22,7 @@ from alqp import QPLayer, Settings, Status, solve_qp
 from alqp.backward import implicit_backward
 from alqp.lpgd import LPGDOptions, lpgd_backward
 from alqp.problem import canonicalize
-from alqp.solver import solve_problem
+from alqp.solver import solve_problem_factored
 
 import families as F
 
@@ -131,7 +131,7 @@ def _rel_err(grads, ref, names=NAMES):
 
 def _solve(prob, settings=SETTINGS):
     P = canonicalize(**prob)
-    sol = solve_problem(P, settings)
+    sol, _ = solve_problem_factored(P, settings)
     return P, sol
 
 

@@ -7,7 +7,7 @@ closest feasible QP.
 """
 from alqp.settings import Settings, Status
 from alqp.layer import QPLayer, solve_qp
-from alqp.solver import QPSolution
+from alqp.types import QPSolution
 from alqp.parallel import set_per_process_threads
 
 __all__ = ["solve_qp", "QPLayer", "QPSolution", "Settings", "Status", "set_per_process_threads"]

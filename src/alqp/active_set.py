@@ -24,7 +24,7 @@ in plain C loops (most of its time on dense problems).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,10 +34,8 @@ from alqp.activity import closest_feasible_output
 from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
 from alqp.linalg import cholesky_solve_rows, vm
 from alqp.problem import QPProblem
-from alqp.settings import Settings, Status
-
-if TYPE_CHECKING:  # solver.py imports this module lazily; keep the import graph acyclic
-    from alqp.solver import QPSolution
+from alqp.settings import Settings
+from alqp.types import QPSolution, Status
 
 # DAQP's constraint type of an equality row (its ``sense`` flags: 0 inequality, 5 equality).
 _DAQP_EQUALITY = 5
@@ -130,7 +128,7 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
             H, A and C only); None: computed here.
 
     Returns:
-        The :class:`alqp.solver.QPSolution` in the input's dtype and device, and a (B,) bool tensor
+        The :class:`alqp.QPSolution` in the input's dtype and device, and a (B,) bool tensor
         ``certified``: True where the answer is verified (primal, dual and complementarity
         residuals within tolerance, see :func:`_certify`): SOLVED, or CLOSEST_FEASIBLE with the
         shift checked too. Where it is False the
@@ -146,7 +144,6 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         when there is none), for the backward.
     """
     daqp = _import_daqp()
-    from alqp.solver import QPSolution
 
     dtype, device = problem.H.dtype, problem.H.device
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m

@@ -607,7 +607,7 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     Args:
         problem: the canonical batch (:func:`alqp.problem.canonicalize`), shapes H (B,n,n), g (B,n),
             A (B,p,n), b (B,p), C (B,m,n), l, u (B,m).
-        solution: the :class:`alqp.solver.QPSolution` of ``problem`` (batched).
+        solution: the :class:`alqp.QPSolution` of ``problem`` (batched).
         grad_x (B,n), grad_y (B,p), grad_z (B,m), grad_s_eq (B,p), grad_s_in (B,m): dL/d(output);
             None means zero.
         settings: the forward's :class:`Settings` (sets the default activity tolerance and the

@@ -122,7 +122,8 @@ from alqp.failure import mark_nan, screen_incoming
 from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
-from alqp.solver import QPSolution, solve_problem_factored
+from alqp.solver import solve_problem_factored
+from alqp.types import QPSolution
 
 #: Variants of the finite difference (see the module docstring).
 VARIANTS = ("right", "left", "central")

@@ -1,7 +1,8 @@
 """The forward solver: a batched proximal augmented-Lagrangian method (ProxQP family).
 
-Read top to bottom: :func:`solve_qp` validates and scales, :func:`solve_problem` runs the outer
-loop (multiplier updates and the BCL penalty schedule), :func:`_newton_inner` minimizes the proximal
+Read top to bottom: :func:`solve_problem_factored` picks the engine and sends what the active-set
+engine does not certify to the ALM; :func:`solve_alm` runs the outer loop (multiplier updates and
+the BCL penalty schedule), :func:`_newton_inner` minimizes the proximal
 augmented Lagrangian by semi-smooth Newton steps with an exact line search (:func:`_exact_line_search`).
 Every problem of the batch steps in lock-step through tensor operations; a problem whose status is
 decided leaves the working set, so the batch shrinks as it converges.
@@ -22,64 +23,12 @@ from alqp.activity import closest_feasible_output, polish_multipliers
 from alqp.certify import measure, resolve_tolerance, roundoff_floor, shift_optimal, solution_meets
 from alqp.certify import residuals as certify_residuals
 from alqp.linalg import cholesky_solve_rows, inf_norm, project_out_row_range, vm
-from alqp.problem import QPProblem, canonicalize, ruiz_equilibrate
-from alqp.settings import Settings, Status, has_solution
+from alqp.problem import QPProblem, ruiz_equilibrate
+from alqp.settings import Settings
+from alqp.types import QPSolution, Status, has_solution, unbatch  # noqa: F401  (unbatch: re-exported)
 
 if TYPE_CHECKING:  # active_set imports numpy and daqp: only when the engine runs
     from alqp.active_set import LeastDistanceFactor
-
-
-class QPSolution(NamedTuple):
-    """Solution of a batch of QPs (the leading B is dropped for unbatched input).
-
-    Attributes:
-        x: (B,n) primal solution (of the closest feasible QP when the QP is infeasible).
-        y: (B,p) multipliers of A x = b.
-        z: (B,m) multipliers of l <= C x <= u: positive at the upper bound, negative at the lower.
-            For a closest-feasible QP the multipliers of its shifted rows are not unique; alqp
-            reports the choice of :func:`alqp.activity.closest_feasible_multipliers`, which the
-            backward differentiates.
-        s_eq: (B,p) closest-feasible shift of the equality rows, A x - b on the shifted rows
-            (:func:`alqp.activity.shifted_rows`) and 0 elsewhere (exactly 0 when SOLVED).
-        s_in: (B,m) shift of the inequality rows, C x - clip(C x, l, u) on the shifted rows and 0
-            elsewhere (exactly 0 when SOLVED).
-        status: (B,) int64, values of :class:`alqp.Status`.
-        iterations: (B,) int64, the work done: the ALM's semi-smooth Newton steps, or DAQP's
-            active-set iterations for the problems the active-set engine answered.
-    """
-
-    x: Tensor
-    y: Tensor
-    z: Tensor
-    s_eq: Tensor
-    s_in: Tensor
-    status: Tensor
-    iterations: Tensor
-
-
-def solve_qp(H, g, A=None, b=None, C=None, l=None, u=None, settings: Optional[Settings] = None,
-             warm_start=None) -> QPSolution:
-    """Solve a batch of convex QPs ``min 1/2 x'Hx + g'x s.t. A x = b, l <= C x <= u`` (no autograd).
-
-    Args:
-        H: (B,n,n) or (n,n), symmetric positive semi-definite.
-        g: (B,n) or (n,).
-        A: (B,p,n) or (p,n), or None.  b: (B,p) or (p,), given with A.
-        C: (B,m,n) or (m,n), or None.  l, u: (B,m) or (m,), entries may be -inf / +inf; a missing
-            side is unbounded.
-        settings: :class:`Settings`; defaults when None.
-        warm_start: a :class:`QPSolution` (or a tuple (x, y, z)) of a nearby problem, same shapes.
-
-    Returns:
-        :class:`QPSolution`; unbatched when no input had a batch dimension.
-    """
-    problem = canonicalize(H, g, A, b, C, l, u)
-    solution = solve_problem(problem, settings or Settings(), warm_start)
-    return unbatch(solution) if problem.unbatched else solution
-
-
-def unbatch(solution: QPSolution) -> QPSolution:
-    return QPSolution(*(t[0] for t in solution))
 
 
 def _batched_warm_start(warm_start, problem: QPProblem):
@@ -137,7 +86,9 @@ def auto_engine(problem: QPProblem) -> str:
     return "active_set"
 
 
-def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
+def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=None,
+                           factor: Optional["LeastDistanceFactor"] = None
+                           ) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch (every tensor with its batch dimension); no autograd.
 
     With the active-set engine (``Settings.engine``), the problems it does not certify as
@@ -149,17 +100,10 @@ def solve_problem(problem: QPProblem, settings: Settings, warm_start=None) -> QP
         settings: :class:`Settings`.
         warm_start: None, a :class:`QPSolution` or a tuple (x, y, z) in the caller's units (the
             ALM's; the active-set engine starts cold).
+        factor: see below.
 
     Returns:
-        :class:`QPSolution`, batched.
-    """
-    return solve_problem_factored(problem, settings, warm_start)[0]
-
-
-def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=None,
-                           factor: Optional["LeastDistanceFactor"] = None
-                           ) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
-    """:func:`solve_problem`, and the factorization of the batch's strictly convex problems that
+        The batched :class:`QPSolution`, and the factorization of the batch's strictly convex problems that
     the active-set engine computed on the way (:class:`alqp.active_set.LeastDistanceFactor`, a
     function of H, A and C only; None on the ALM engine or when no problem is strictly convex),
     which the implicit backward reuses. A ``factor`` given (of the same H, A and C: the LPGD
@@ -283,7 +227,7 @@ def report_non_convex(problem: QPProblem, solution: QPSolution) -> QPSolution:
 
 
 def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
-    """The proximal augmented-Lagrangian engine on a canonical batch (see :func:`solve_problem`)."""
+    """The proximal augmented-Lagrangian engine on a canonical batch (see :func:`solve_problem_factored`)."""
     dtype, device = problem.H.dtype, problem.H.device
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
     k = p + m
