@@ -3,7 +3,7 @@
 operators by device and by host time), and timed again with the multiplier refit of the ALM
 (solver._polish_multipliers) switched off, to price it.
 
-    PYTHONPATH=src python benchmarks/profile_alm.py --device cuda --batch 4096 [--dtype float32]
+    PYTHONPATH=src python -m benchmarks.profile_alm --device cuda --batch 4096 [--dtype float32]
 
 Prints tables; writes OUT/profile-alm.json (--out, default results/).
 """
@@ -18,7 +18,7 @@ import torch
 
 import alqp
 import alqp.solver as solver
-from alqp.bench.problems import random_qp_batch
+from benchmarks.problems import random_qp_batch
 
 
 SETTINGS = alqp.Settings(engine="alm")

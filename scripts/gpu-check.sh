@@ -13,5 +13,5 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_forward.py tests/test_lpgd.py tests/test_bench.py 2>&1 \
   | tail -25 | tee "$out/cuda-tests.txt"
 timeout 200 python3 scripts/cuda_check.py --out "$out" 2>&1 | tee "$out/cuda-check.txt" | tail -70
-timeout 240 python3 -m alqp.bench --preset scaling --device cuda --peers alqp --ref-max 32 --out "$out" --no-plot \
-  --default-allocator 2>&1 | tee "$out/scaling-cuda.txt" | tail -40
+timeout 240 python -m benchmarks --preset scaling --device cuda --peers alqp --ref-max 32 --out "$out" --no-plot \
+  2>&1 | tee "$out/scaling-cuda.txt" | tail -40

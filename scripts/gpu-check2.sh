@@ -9,4 +9,4 @@ export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_forward.py tests/test_lpgd.py tests/test_bench.py 2>&1 \
   | tail -8 | tee "$out/cuda-tests.txt"
 timeout 150 python3 scripts/cuda_check.py --out "$out" 2>&1 | tee "$out/cuda-check.txt" | tail -40
-timeout 120 python3 benchmarks/profile_alm.py --device cuda --batch 4096 --out "$out" 2>&1 | tee "$out/profile-f64.txt" | head -60
+timeout 120 python3 -m benchmarks.profile_alm --device cuda --batch 4096 --out "$out" 2>&1 | tee "$out/profile-f64.txt" | head -60

@@ -6,7 +6,7 @@ out=${OUT:-results}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-timeout 60 python3 benchmarks/profile_alm.py --device cuda --batch 4096 --eps-abs 1e-6 --out "$out" 2>&1 | head -3
-timeout 60 python3 benchmarks/profile_alm.py --device cuda --batch 4096 --out "$out" 2>&1 | head -3
-timeout 200 python3 -m alqp.bench --preset scaling --device cuda --peers alqp --ref-max 32 --out "$out" --no-plot \
-  --default-allocator 2>&1 | tee "$out/scaling-cuda.txt" | tail -22
+timeout 60 python3 -m benchmarks.profile_alm --device cuda --batch 4096 --eps-abs 1e-6 --out "$out" 2>&1 | head -3
+timeout 60 python3 -m benchmarks.profile_alm --device cuda --batch 4096 --out "$out" 2>&1 | head -3
+timeout 200 python -m benchmarks --preset scaling --device cuda --peers alqp --ref-max 32 --out "$out" --no-plot \
+  2>&1 | tee "$out/scaling-cuda.txt" | tail -22

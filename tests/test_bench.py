@@ -1,21 +1,23 @@
-"""Tests of the benchmark harness itself (alqp.bench), on tiny sizes: they check that the harness runs,
+"""Tests of the benchmark harness itself (benchmarks), on tiny sizes: they check that the harness runs,
 writes its files, reports skipped peers and measures accuracy; they time nothing of interest."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from alqp.bench import harness, peers
-from alqp.bench.__main__ import main
-from alqp.bench.harness import Config, Preset, RunOptions, make_preset, run_preset
-from alqp.bench.peers import Method
-from alqp.bench.problems import random_qp_batch, reference_solution
-from alqp.bench.report import format_table
+from benchmarks import harness, peers
+from benchmarks.__main__ import main
+from benchmarks.harness import Config, Preset, RunOptions, make_preset, run_preset
+from benchmarks.peers import Method
+from benchmarks.problems import random_qp_batch, reference_solution
+from benchmarks.report import format_table
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = RunOptions(repeats=1, warmup=0, threads=1)
 
 
@@ -31,7 +33,7 @@ class ReferencePlusOffset(Method):
 
     def forward(self, params):
         H, g, A, b, C, l, u = params
-        from alqp.bench.problems import QPBatch
+        from benchmarks.problems import QPBatch
 
         x = reference_solution(QPBatch(*(t.detach() for t in params))).to(H.dtype)
         # A term through H keeps x in the autograd graph so that the backward can be timed too.
@@ -80,13 +82,15 @@ def test_end_to_end_quick_preset_writes_json_and_png(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator settings are for Linux (glibc, THP)")
-def test_command_line_reruns_itself_with_the_allocator_settings(tmp_path):
+@pytest.mark.parametrize("tuned", [False, True])
+def test_command_line_reruns_itself_with_the_allocator_settings_only_when_asked(tmp_path, tuned):
     env = {k: v for k, v in __import__("os").environ.items() if k not in harness.ALLOCATOR_ENV}
-    subprocess.run([sys.executable, "-m", "alqp.bench", "--preset", "forward", "--quick", "--peers", "alqp",
-                    "--threads", "1", "--no-plot", "--quiet", "--out", str(tmp_path)], check=True, env=env,
+    subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "forward", "--quick", "--peers", "alqp",
+                    "--threads", "1", "--no-plot", "--quiet", "--out", str(tmp_path)]
+                   + (["--tuned-allocator"] if tuned else []), check=True, env=env, cwd=REPO_ROOT,
                    capture_output=True, timeout=300)
     data = json.loads((tmp_path / "forward-quick.json").read_text())
-    assert data["environment"]["allocator"] == harness.ALLOCATOR_TUNED_LABEL
+    assert (data["environment"]["allocator"] == harness.ALLOCATOR_TUNED_LABEL) == tuned
 
 
 def test_forward_mode_runs_alqp_and_skips_backward_only_methods():
@@ -167,12 +171,19 @@ def test_stats_are_median_and_quartiles():
     assert s["q25"] == 2.0 and s["q75"] == 4.0
 
 
-def test_importing_alqp_and_its_bench_imports_no_peer():
-    code = ("import sys, alqp, alqp.bench; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('proxsuite', 'qpth', 'cvxpy', 'cvxpylayers', 'diffcp', 'clarabel', 'matplotlib')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+def test_importing_alqp_and_the_benchmarks_imports_no_peer():
+    code = ("import sys, alqp, benchmarks; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'proxsuite', 'qpth', 'cvxpy', 'cvxpylayers', 'diffcp', 'clarabel', 'matplotlib', 'benchmarks'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO_ROOT).stdout
+    assert out.strip() == "['benchmarks']"
+
+
+def test_the_installed_library_holds_no_benchmark():
+    import alqp
+
+    assert not (Path(alqp.__file__).parent / "bench").exists()
 
 
 def test_bad_arguments_exit_with_status_2(capsys):

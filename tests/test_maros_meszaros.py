@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import maros_meszaros as mm  # noqa: E402
+from benchmarks import maros_meszaros as mm
 
 DATA = mm.default_data_dir()
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no Maros-Meszaros data at {DATA}")

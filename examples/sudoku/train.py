@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 import alqp
-from alqp.bench.harness import rerun_with_tuned_allocator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import SudokuData, board_errors, decode, load_or_generate, sudoku_constraints  # noqa: E402
@@ -221,9 +220,6 @@ def parse_args(argv: Optional[list] = None):
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="train nothing: combine the models of these sudoku.json files (e.g. runs made in "
                         "parallel processes) into <out>/sudoku.json and sudoku.png, and print the table")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="run under the default memory allocator settings (by default the script re-runs itself "
-                        "with transparent huge pages and freed memory kept: see alqp.bench.harness.ALLOCATOR_ENV)")
     args = p.parse_args(argv)
     if args.demo:
         # The demo's values are defaults: options given on the command line still win.
@@ -257,8 +253,6 @@ def main(argv: Optional[list] = None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
-    if argv is None and not args.default_allocator:
-        rerun_with_tuned_allocator()
     torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in names:

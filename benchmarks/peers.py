@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from alqp.bench.problems import QPBatch
+from benchmarks.problems import QPBatch
 
 # ProxSuite and qpth represent "no bound" differently; ProxSuite's infinity is 1e20.
 _PROXSUITE_INF = 1e20

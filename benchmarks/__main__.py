@@ -1,4 +1,4 @@
-"""Command line of the benchmark: ``alqp --preset NAME`` or ``python -m alqp.bench --preset NAME``.
+"""Command line of the benchmark: ``python -m benchmarks --preset NAME`` from the repository root.
 
 Prints a table, writes ``OUT/<preset>.json`` and ``OUT/<preset>.png`` (``-quick`` appended with
 --quick), and returns 0; 2 on bad arguments.
@@ -13,14 +13,14 @@ from typing import Optional
 
 import torch
 
-from alqp.bench.harness import PRESETS, RunOptions, make_preset, rerun_with_tuned_allocator, run_preset
-from alqp.bench.peers import ALL_METHODS, DEFAULT_METHODS
-from alqp.bench.report import format_table, plot, write_json
+from benchmarks.harness import PRESETS, RunOptions, make_preset, rerun_with_tuned_allocator, run_preset
+from benchmarks.peers import ALL_METHODS, DEFAULT_METHODS
+from benchmarks.report import format_table, plot, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="alqp",
+        prog="python -m benchmarks",
         description="Benchmark alqp against ProxSuite's QPLayer, qpth (OptNet) and cvxpylayers on "
                     "random QPs (QPLayer paper style). Prints a table; writes JSON and a PNG plot.",
     )
@@ -56,20 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="run under the default memory allocator settings (by default the command re-runs "
-                             "itself with transparent huge pages and freed memory kept, for every method: see "
-                             "alqp.bench.harness.ALLOCATOR_ENV)")
+    parser.add_argument("--tuned-allocator", action="store_true",
+                        help="re-run this command with transparent huge pages and freed memory kept, for every "
+                             "method (benchmarks.harness.ALLOCATOR_ENV; the README's tables were measured so); "
+                             "off by default")
     return parser
 
 
 def main(argv=None, as_program: Optional[bool] = None) -> int:
-    """Entry point of the ``alqp`` console script. Returns the exit status.
+    """Entry point of ``python -m benchmarks``. Returns the exit status.
 
     Args:
         argv: the options (default: sys.argv[1:]).
-        as_program: whether this process runs the benchmark as its program, so that it may re-run
-            itself with the allocator settings (default: when argv is None).
+        as_program: whether this process runs the benchmark as its program, so that
+            ``--tuned-allocator`` may re-run it (default: when argv is None).
     """
     args = build_parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -92,7 +92,7 @@ def main(argv=None, as_program: Optional[bool] = None) -> int:
                          max_seconds_per_point=args.max_seconds,
                          cvxpylayers_max_batch=args.cvxpylayers_max_batch,
                          cvxpylayers_max_n=args.cvxpylayers_max_n)
-    if (argv is None if as_program is None else as_program) and not args.default_allocator:
+    if (argv is None if as_program is None else as_program) and args.tuned_allocator:
         rerun_with_tuned_allocator()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     start = time.perf_counter()

@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from alqp.bench.peers import DEFAULT_METHODS, Method, make_method
-from alqp.bench.problems import QPBatch, random_qp_batch, reference_name, reference_solution
+from benchmarks.peers import DEFAULT_METHODS, Method, make_method
+from benchmarks.problems import QPBatch, random_qp_batch, reference_name, reference_solution
 
 
 @dataclass(frozen=True)
@@ -284,9 +284,14 @@ def rerun_with_tuned_allocator() -> None:
     """
     if allocator_tuned() or not sys.platform.startswith("linux") or not sys.argv or sys.argv[0] in ("", "-c"):
         return
+    # A module run (python -m benchmarks) must be re-run as a module: run as a file, its package
+    # imports would not resolve.
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    command = (["-m", main_spec.name.removesuffix(".__main__"), *sys.argv[1:]] if main_spec is not None
+               else list(sys.argv))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    os.execve(sys.executable, [sys.executable, *command], {**os.environ, **ALLOCATOR_ENV})
 
 
 def environment(options: RunOptions, threads: int) -> dict:
@@ -321,7 +326,7 @@ def run_preset(preset: Preset, methods: Sequence[str] = DEFAULT_METHODS, options
 
     Args:
         preset: from :func:`make_preset`.
-        methods: names of the methods (see :data:`alqp.bench.peers.ALL_METHODS`).
+        methods: names of the methods (see :data:`benchmarks.peers.ALL_METHODS`).
         options: :class:`RunOptions`.
         log: where progress lines and skip reasons go.
         extra_methods: additional :class:`Method` instances (tests inject fakes here).
@@ -329,7 +334,7 @@ def run_preset(preset: Preset, methods: Sequence[str] = DEFAULT_METHODS, options
     Returns:
         A JSON-ready dict: 'preset', 'description', 'mode', 'environment', 'tolerances' (how each
         method received eps), 'notes', 'skipped' (method -> reason, for methods that never ran) and
-        'records' (one per configuration and method; see :func:`alqp.bench.report.format_table`).
+        'records' (one per configuration and method; see :func:`benchmarks.report.format_table`).
     """
     options = options or RunOptions()
     threads = options.threads or os.cpu_count() or 1

@@ -1,6 +1,6 @@
 """Output of a benchmark run: a plain-text table, a JSON file and a PNG plot.
 
-All three read the dict returned by :func:`alqp.bench.harness.run_preset`. Each record is
+All three read the dict returned by :func:`benchmarks.harness.run_preset`. Each record is
     {"config": {"batch", "n", "p", "m", "eps", "sweep"}, "method", "status": "ok"|"skipped"|"error",
      "reason", "forward"/"backward"/"total": {"median", "q25", "q75", "min", "max", "runs"} in ms or
      None, "err_x": max |x - x_ref|, "ratio_vs_alqp", "repeats", "info", "notes"}.
@@ -161,7 +161,7 @@ def plot(result: dict, path: str) -> Optional[str]:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     env = result["environment"]
-    fig.suptitle(f"alqp bench {result['preset']} ({env['device']}, {env['dtype']}, "
+    fig.suptitle(f"alqp benchmark {result['preset']} ({env['device']}, {env['dtype']}, "
                  f"{env['torch_threads']} threads)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
