@@ -31,12 +31,13 @@ def random_batch(batch: int, n: int, p: int, m: int, dtype, seed: int = 0):
     return (H, g, A, b, C, l, u), infeasible
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    """Run the demo; returns how many problems ended with the status they were built for."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     (H, g, A, b, C, l, u), infeasible = random_batch(args.batch, args.n, args.n // 3, args.n, dtype)
 
@@ -63,9 +64,11 @@ def main() -> None:
         print(f"{status.name:>18} {int(sel.sum()):>6} {float(primal[sel].max()):>15.2e} {float(dual[sel].max()):>13.2e} "
               f"{float(shift):>12.3e} {float(sol.iterations[sel].double().mean()):>18.1f}")
     expected = torch.where(infeasible, int(alqp.Status.CLOSEST_FEASIBLE), int(alqp.Status.SOLVED))
+    as_constructed = int((sol.status == expected).sum())
     print(f"statuses as constructed (feasible -> SOLVED, infeasible -> CLOSEST_FEASIBLE): "
-          f"{int((sol.status == expected).sum())}/{args.batch}")
+          f"{as_constructed}/{args.batch}")
+    return as_constructed
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(0 if main() else 1)

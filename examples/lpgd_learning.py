@@ -119,16 +119,17 @@ def evaluate(model: PathLayer, phi, x_true, c_true) -> dict:
     return dict(loss=loss, accuracy=acc, regret=regret)
 
 
-def train(backward: str, data: dict, seed: int) -> dict:
+def train(backward: str, data: dict, seed: int, epochs: int = EPOCHS) -> dict:
     gen = torch.Generator().manual_seed(seed)
     model = PathLayer(data["A"], data["b"], backward, gen)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     order_gen = torch.Generator().manual_seed(seed + 1)
     curve, t_backward = [evaluate(model, data["phi_tr"], data["x_tr"], data["c_tr"])["loss"]], 0.0
     grad_norms = []
-    for _ in range(EPOCHS):
-        perm = torch.randperm(N_TRAIN, generator=order_gen)
-        for start in range(0, N_TRAIN, BATCH):
+    n_train = data["phi_tr"].shape[0]
+    for _ in range(epochs):
+        perm = torch.randperm(n_train, generator=order_gen)
+        for start in range(0, n_train, BATCH):
             i = perm[start:start + BATCH]
             x = model(data["phi_tr"][i])
             loss = ((x - data["x_tr"][i]) ** 2).sum()
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results", help="folder for the PNG and JSON (default: results)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"default {EPOCHS}")
+    parser.add_argument("--train", type=int, default=N_TRAIN, help=f"training instances (default {N_TRAIN})")
+    parser.add_argument("--test", type=int, default=N_TEST, help=f"test instances (default {N_TEST})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -155,19 +159,19 @@ def main(argv=None) -> int:
     A, b = grid_graph(GRID)
     E = A.shape[1]
     B_true = torch.bernoulli(torch.full((E, N_FEATURES), 0.5, dtype=DT), generator=gen)
-    phi_tr, c_tr = make_data(gen, N_TRAIN, B_true)
-    phi_te, c_te = make_data(gen, N_TEST, B_true)
+    phi_tr, c_tr = make_data(gen, args.train, B_true)
+    phi_te, c_te = make_data(gen, args.test, B_true)
     data = dict(A=A, b=b, phi_tr=phi_tr, c_tr=c_tr, x_tr=solve_paths(A, b, c_tr).round(),
                 phi_te=phi_te, c_te=c_te, x_te=solve_paths(A, b, c_te).round())
 
     results = {}
     for backward in ("ift", "lpgd"):
         t0 = time.perf_counter()
-        results[backward] = train(backward, data, args.seed)
+        results[backward] = train(backward, data, args.seed, args.epochs)
         results[backward]["seconds"] = time.perf_counter() - t0
 
-    print(f"shortest path on a {GRID}x{GRID} grid ({E} edges), {N_TRAIN} train / {N_TEST} test instances, "
-          f"batch {BATCH}, {EPOCHS} epochs, Adam lr {LR}; LPGD: tau={TAU}, central")
+    print(f"shortest path on a {GRID}x{GRID} grid ({E} edges), {args.train} train / {args.test} test instances, "
+          f"batch {BATCH}, {args.epochs} epochs, Adam lr {LR}; LPGD: tau={TAU}, central")
     print("train loss |x - x_true|^2 per instance, after each epoch (epoch 0 = initial model):")
     for name, r in results.items():
         print(f"  {name:5s} " + " ".join(f"{v:5.2f}" for v in r["train_loss"]))
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lpgd_learning.json"), "w") as f:
-        config = dict(grid=GRID, edges=E, n_train=N_TRAIN, n_test=N_TEST, batch=BATCH, epochs=EPOCHS,
+        config = dict(grid=GRID, edges=E, n_train=args.train, n_test=args.test, batch=BATCH, epochs=args.epochs,
                       lr=LR, tau=TAU, seed=args.seed)
         json.dump(dict(config=config, results=results), f, indent=1)
     try:
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("ift", "implicit (IFT)"), ("lpgd", f"LPGD (tau={TAU}, central)")):
         r = results[name]
-        ax.plot(range(EPOCHS + 1), r["train_loss"], marker="o",
+        ax.plot(range(args.epochs + 1), r["train_loss"], marker="o",
                 label=f"{label}: test accuracy {r['test']['accuracy']:.0%}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss  |x - x_true|^2 per instance")

@@ -33,17 +33,23 @@ def pytest_collection_modifyitems(config, items):
 
 # The oracle suites run on both forward engines: "auto" is pinned to each in turn (a test that sets
 # Settings.engine itself keeps it). A test about the ALM's own behaviour (warm starts, iteration
-# counts, its stall guard) is marked ``alm_only``.
+# counts, its stall guard) is marked ``alm_only``; one whose subject is not the forward engine (shapes,
+# broadcasting, argument plumbing, a linear-algebra kernel) is marked ``engine_independent`` and runs
+# once, on the default engine.
 ENGINE_SUITES = {"test_forward.py", "test_backward.py", "test_lpgd.py"}
 ENGINES = ("alm", "active_set")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "alm_only: runs on the ALM engine only (not parametrized over engines)")
+    config.addinivalue_line("markers", "engine_independent: runs once, on the default engine (its subject is not "
+                                       "the forward engine)")
 
 
 def pytest_generate_tests(metafunc):
     if "forward_engine" not in metafunc.fixturenames or metafunc.module.__file__.split("/")[-1] not in ENGINE_SUITES:
+        return
+    if metafunc.definition.get_closest_marker("engine_independent"):
         return
     engines = ("alm",) if metafunc.definition.get_closest_marker("alm_only") else ENGINES
     metafunc.parametrize("forward_engine", engines, indirect=True)

@@ -102,7 +102,8 @@ def test_multipliers_match_oracle_and_alm(name):
     so the IFT and LPGD backwards take them unchanged."""
     prob = _problem(FEASIBLE, name)
     sol, _ = _solve(prob)
-    alm = solve_qp(**prob)
+    alm = solve_qp(**prob, settings=Settings(engine="alm"))
+    assert (alm.status == Status.SOLVED).all()
     for i, ref in enumerate(_oracle(name)):
         scale = max(1.0, np.abs(ref.y).max(initial=0.0), np.abs(ref.z).max(initial=0.0))
         assert np.abs(sol.y[i].numpy() - ref.y).max(initial=0.0) <= 1e-6 * scale

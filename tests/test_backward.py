@@ -260,7 +260,20 @@ def test_gradcheck_mixed_batch_with_shared_inputs():
     for i, (src, xs) in enumerate(((pf, xf), (pi, xi))):
         prob["g"][i] = src["g"][0] + (src["H"][0] - H) @ xs[0]
     prob["H"] = H
-    prob["u"] = prob["u"].clone()
+    # Share u, the infeasible member's. The feasible member's row i is rewritten on its equality
+    # row a'x = b, an equivalent constraint: (c_i + d_i/b a)'x in [l_i + d_i, u_i + d_i] with d_i
+    # the difference of the two u_i; where the shared u_i is infinite its upper bound goes (its
+    # solution may move, and stays feasible).
+    u_shared = pi["u"][0].clone()
+    a, b = pf["A"][0, 0], pf["b"][0, 0]
+    assert abs(float(b)) > 0.1
+    for i in range(u_shared.shape[0]):
+        if torch.isfinite(u_shared[i]):
+            d = u_shared[i] - pf["u"][0, i]
+            prob["C"][0, i] = pf["C"][0, i] + d / b * a
+            prob["l"][0, i] = pf["l"][0, i] + d
+    prob["u"] = u_shared
+    assert prob["u"].dim() == 1 and prob["H"].dim() == 2
     sol = solve_qp(**prob, settings=SETTINGS)
     assert sol.status.tolist() == [Status.SOLVED, Status.CLOSEST_FEASIBLE]
     assert _gradcheck(prob)
@@ -483,6 +496,7 @@ def test_shared_input_gradient_is_sum_over_batch():
     assert gb.abs().amax((1, 2)).min() > 1e-3  # every member contributes
 
 
+@pytest.mark.engine_independent
 def test_unbatched_in_unbatched_out_and_batch_one_broadcast():
     prob, *_ = feasible_instance(2, 3, 1, 3, 1, 1, seed=18)
     single = {k: v[0].clone().requires_grad_() for k, v in prob.items()}
@@ -498,6 +512,7 @@ def test_unbatched_in_unbatched_out_and_batch_one_broadcast():
     assert u1.grad.shape == (1, 3)
 
 
+@pytest.mark.engine_independent
 def test_float32_inputs_get_float32_gradients():
     prob, *_ = feasible_instance(2, 3, 1, 3, 1, 1, seed=19)
     p32 = {k: v.float().requires_grad_() for k, v in prob.items()}
@@ -517,6 +532,7 @@ def test_float32_inputs_get_float32_gradients():
         assert (p32[k].grad.double() - ref[k].grad).abs().max() <= 1e-2 * scale, k
 
 
+@pytest.mark.engine_independent
 def test_missing_bound_side_gets_no_gradient():
     prob, *_ = feasible_instance(1, 3, 0, 3, 2, 0, seed=20)  # two rows active at u, one inactive
     u = prob["u"].clone().requires_grad_()
@@ -578,6 +594,7 @@ def test_degenerate_lp_and_psd_gradients_are_finite_and_least_squares():
     assert torch.allclose(u.grad[:2], torch.tensor([0.5, 0.5], dtype=DT), atol=1e-6)
 
 
+@pytest.mark.engine_independent
 def test_lstsq_min_norm_against_pinv():
     gen = torch.Generator().manual_seed(22)
     # Full column rank, consistent: the exact solution whatever the scaling.
@@ -600,6 +617,7 @@ def test_lstsq_min_norm_against_pinv():
     assert (lstsq_min_norm(torch.zeros(2, 3, 3, dtype=DT), torch.ones(2, 3, dtype=DT)) == 0).all()
 
 
+@pytest.mark.engine_independent
 def test_active_set_classification():
     prob, x, y, z = feasible_instance(1, 4, 1, 5, 1, 1, seed=23)
     P = canonicalize(**prob)
@@ -612,6 +630,7 @@ def test_active_set_classification():
 # ------------------------------------------------------------------------------------------------
 # The backward selector
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.engine_independent
 def test_backward_selector():
     prob, *_ = feasible_instance(1, 2, 0, 1, 1, 0, seed=24)
     with pytest.raises(ValueError):
@@ -628,24 +647,23 @@ def test_backward_selector():
 # ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------
-def test_learns_constraint_matrix():
-    """Recover a hidden polygon {C x <= 1} from projections of random points onto it: the layer's C
-    is trained by Adam on the squared error of its projections."""
-    gen = torch.Generator().manual_seed(25)
+def _fit_constraint_matrix(seed: int, iterations: int = 60) -> list:
+    """Losses of Adam fitting a layer's C to a hidden polygon {C x <= 1} from the projections of
+    16 random points onto it, from C_true perturbed by 0.3 (both drawn from ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
     n, m, B = 2, 4, 16
     angles = torch.arange(m, dtype=DT) * (2 * math.pi / m) + 0.3
     C_true = torch.stack([angles.cos(), angles.sin()], -1)
     u = torch.ones(m, dtype=DT)
     H = torch.eye(n, dtype=DT)
     points = 2.0 * torch.randn(B, n, generator=gen, dtype=DT)
-    settings = Settings(eps_abs=1e-8, eps_rel=0.0)
-    layer = QPLayer(settings)
+    layer = QPLayer(Settings(eps_abs=1e-8, eps_rel=0.0))
     with torch.no_grad():
         target = layer(H, -points, C=C_true, u=u).x
     C = (C_true + 0.3 * torch.randn(m, n, generator=gen, dtype=DT)).requires_grad_()
     opt = torch.optim.Adam([C], lr=0.02)
     losses = []
-    for _ in range(60):
+    for _ in range(iterations):
         sol = layer(H, -points, C=C, u=u)
         assert (sol.status == Status.SOLVED).all()
         loss = ((sol.x - target) ** 2).sum(-1).mean()
@@ -653,7 +671,17 @@ def test_learns_constraint_matrix():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert losses[-1] < losses[0] / 10, losses[::10]
+    return losses
+
+
+@pytest.mark.engine_independent
+def test_learns_constraint_matrix():
+    """Recover a hidden polygon from projections, over six seeds. The fit is not convex: from some
+    starts Adam stops in a local minimum (seed 1 at 0.24 of its initial loss), so the property is
+    that every seed's loss falls and most fall by two orders of magnitude."""
+    ratios = [(lambda losses: losses[-1] / losses[0])(_fit_constraint_matrix(seed)) for seed in range(6)]
+    assert max(ratios) < 0.5, ratios
+    assert sum(r < 0.02 for r in ratios) >= 5, ratios
 
 
 def test_small_positive_entries_stay_free_at_a_loose_tolerance():
@@ -758,6 +786,7 @@ def _factored_setup(seed: int, B=5, n=9, p=3, m=7, shared=False):
     return P, factor, active, rnd(B, n), rnd(B, p), rnd(B, m)
 
 
+@pytest.mark.engine_independent
 @pytest.mark.parametrize("shared", [False, True])
 def test_kkt_solve_factored_matches_direct(shared):
     """The KKT solve on the forward's factorization (Schur complement of the active rows on the
@@ -776,6 +805,7 @@ def test_kkt_solve_factored_matches_direct(shared):
     assert (w3[active == 0] == 0).all()
 
 
+@pytest.mark.engine_independent
 def test_kkt_solve_factored_reports_dependent_active_rows():
     """An active row that is a combination of an equality row and another active row makes the
     system singular: that problem is reported unsolved (the caller then takes the least-squares

@@ -214,6 +214,28 @@ def test_stalled_member_gets_zero_gradient(fresh_warning):
     assert args["g"].grad[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("engine", ["alm", "active_set"])
+def test_numerical_error_member_gets_zero_gradient_and_finite_outputs(fresh_warning, engine):
+    """Data at the edge of float64 (entries 1e308: every product overflows) end NUMERICAL_ERROR on
+    both engines, with finite outputs and a zero gradient (with the warning); the other member of
+    the batch, an ordinary QP, is solved and keeps its gradient."""
+    H = torch.eye(2, dtype=DT).expand(2, 2, 2).clone()
+    g = torch.tensor([[1e308, -1e308], [1.0, -1.0]], dtype=DT)
+    C = torch.tensor([[[1e308, 1e308]], [[1.0, 1.0]]], dtype=DT)
+    u = torch.tensor([[1e308], [0.5]], dtype=DT)
+    args = {k: v.requires_grad_() for k, v in dict(H=H, g=g, C=C, u=u).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the forward's overflow warnings, if any)
+        sol = solve_qp(**args, settings=Settings(engine=engine))
+    assert sol.status.tolist() == [Status.NUMERICAL_ERROR, Status.SOLVED]
+    assert all(bool(torch.isfinite(t).all()) for t in sol[:5])
+    with pytest.warns(RuntimeWarning, match="NUMERICAL_ERROR"):
+        (sol.x * torch.tensor([1.0, 2.0], dtype=DT)).sum().backward()
+    for k, v in args.items():
+        assert (v.grad[0] == 0).all(), k
+    assert args["g"].grad[1].abs().max() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Non-finite incoming gradients
 

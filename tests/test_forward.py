@@ -188,6 +188,7 @@ def test_two_stage_oracle_consistency(name):
 # ----------------------------------------------------------------------------------------------
 # alqp against the oracles, float64
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.engine_independent
 @pytest.mark.parametrize("name", ALL)
 def test_output_types_and_shapes(name):
     prob = problem(name)
@@ -421,6 +422,7 @@ def test_shared_vs_batched(shared):
         assert np.abs(arr(s_shared.x[i]) - r.x).max() < TOL_X64, (shared, i)
 
 
+@pytest.mark.engine_independent
 def test_size_one_batch_dims_broadcast():
     """Tensors with a leading batch dimension of 1 broadcast against batch B like shared ones."""
     B = 4
@@ -430,6 +432,7 @@ def test_size_one_batch_dims_broadcast():
     assert solve_qp(**ones).x.shape == (B, 8)
 
 
+@pytest.mark.engine_independent
 def test_unbatched_input_gives_unbatched_output():
     prob = F.strictly_convex(1, 8, 3, 6, seed=33)
     single = F.member(prob, 0)
@@ -445,6 +448,7 @@ def test_unbatched_input_gives_unbatched_output():
     assert np.abs(arr(sol.x) - r.x).max() < TOL_X64
 
 
+@pytest.mark.engine_independent
 def test_unbatched_infeasible_gives_unbatched_output():
     single = F.member(F.infeasible_ineq(1, 6, 2, 6, seed=34), 0)
     sol = solve_qp(**single)
