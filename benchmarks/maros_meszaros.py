@@ -191,7 +191,8 @@ def residuals(problem: dict, x, y, z) -> dict:
     # absolute value (sum |x_i (Hx)_i|, sum |g_i x_i|, sum |bound_i w_i|).
     bound_w = np.concatenate([np.abs(b * y), np.abs(u[up] * zp[up]), np.abs(l[lo] * zm[lo])])
     # alqp's size of the dual residual's terms: |Hx|, |g| and the summands of A'y + C'z.
-    out["dual_products"] = max(_inf_norm(Hx), _inf_norm(g), _inf_norm(np.abs(A).T @ np.abs(y) + np.abs(C).T @ np.abs(z)))
+    products = np.abs(A).T @ np.abs(y) + np.abs(C).T @ np.abs(z)
+    out["dual_products"] = max(_inf_norm(Hx), _inf_norm(g), _inf_norm(products))
     out["gap_products"] = max(float(np.abs(x * Hx).sum()), float(np.abs(g * x).sum()), float(bound_w.sum()))
     out["gap_terms"] = max(float(ax @ aH @ ax), float(np.abs(g) @ ax), float(np.abs(b) @ ay),
                            float(np.abs(u[up]) @ zp[up]), float(-np.abs(l[lo]) @ zm[lo]))

@@ -55,13 +55,15 @@ def main(argv=None) -> int:
                            (Cx - sol.s_in - torch.clamp(Cx - sol.s_in, l, u)).abs().amax(-1))
     print(f"alqp {alqp.__version__}: {args.batch} QPs, n={args.n}, p={args.n // 3}, m={args.n}, {args.dtype}, "
           f"solved in {elapsed * 1e3:.1f} ms ({elapsed * 1e3 / args.batch:.3f} ms per QP)")
-    print(f"{'status':>18} {'count':>6} {'max primal res':>15} {'max dual res':>13} {'max |shift|':>12} {'mean Newton steps':>18}")
+    print(f"{'status':>18} {'count':>6} {'max primal res':>15} {'max dual res':>13} {'max |shift|':>12} "
+          f"{'mean Newton steps':>18}")
     for status in alqp.Status:
         sel = sol.status == status
         if not sel.any():
             continue
         shift = torch.cat([sol.s_eq[sel], sol.s_in[sel]], -1).abs().amax()
-        print(f"{status.name:>18} {int(sel.sum()):>6} {float(primal[sel].max()):>15.2e} {float(dual[sel].max()):>13.2e} "
+        print(f"{status.name:>18} {int(sel.sum()):>6} {float(primal[sel].max()):>15.2e} "
+              f"{float(dual[sel].max()):>13.2e} "
               f"{float(shift):>12.3e} {float(sol.iterations[sel].double().mean()):>18.1f}")
     expected = torch.where(infeasible, int(alqp.Status.CLOSEST_FEASIBLE), int(alqp.Status.SOLVED))
     as_constructed = int((sol.status == expected).sum())

@@ -20,7 +20,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import families as F  # noqa: E402
 from test_forward import FAMILIES  # noqa: E402
 
 import alqp  # noqa: E402

@@ -219,7 +219,6 @@ def cvxpy_closest_feasible(H, g, A=None, b=None, C=None, l=None, u=None, feas_to
     s_eq, s_in = closest_feasible_shift(A, b, C, l, u)
     if max(np.abs(s_eq).max(initial=0.0), np.abs(s_in).max(initial=0.0)) <= feas_tol:
         return cvxpy_qp(H, g, A, b, C, l, u)
-    n, p, m = g.shape[0], A.shape[0], C.shape[0]
     row_tol = 1e-7
     pos, neg = s_in > row_tol, s_in < -row_tol
     free = ~(pos | neg)

@@ -45,12 +45,14 @@ UNCERTIFIED = {
 TOL_X, TOL_OBJ, TOL_KKT = 1e-6, 1e-7, 1e-8
 
 
+DEFAULT_SETTINGS = Settings()
+
 def _problem(table: dict, name: str, dtype=torch.float64) -> dict:
     fn, kwargs, seed = table[name][:3]
     return F.to_dtype(fn(**kwargs, seed=seed), dtype)
 
 
-def _solve(prob: dict, settings: Settings = Settings()):
+def _solve(prob: dict, settings: Settings = DEFAULT_SETTINGS):
     return solve_active_set(canonicalize(**prob), settings)[:2]
 
 
@@ -267,7 +269,7 @@ class _RecordingDaqp:
         return daqp.solve(H, f, *args, **kwargs)
 
 
-def _routes(monkeypatch, prob, settings=Settings()):
+def _routes(monkeypatch, prob, settings=DEFAULT_SETTINGS):
     import alqp.active_set as active_set
 
     recorder = _RecordingDaqp()

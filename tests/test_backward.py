@@ -188,8 +188,9 @@ def test_gradcheck_infeasible_general_position(case):
 
 def test_gradcheck_infeasible_duplicated_equality():
     """x is not pinned by the shift: a duplicated equality row with two right-hand sides, a second
-    equality and one active inequality row leave x a free direction, so x depends on H and g. A generic perturbation of A would break the
-    duplication (the derivative does not exist there), so A is a function of its distinct rows."""
+    equality and one active inequality row leave x a free direction, so x depends on H and g. A
+    generic perturbation of A would break the duplication (the derivative does not exist there),
+    so A is a function of its distinct rows."""
     gen = torch.Generator().manual_seed(4)
     n = 4
     H = _spd(gen, 1, n)[0]
@@ -206,7 +207,8 @@ def test_gradcheck_infeasible_duplicated_equality():
     g = -(H @ x + A.T @ y + C.T @ z)
     sol = solve_qp(H, g, A, b, C, l, u, settings=SETTINGS)
     assert sol.status == Status.CLOSEST_FEASIBLE
-    assert torch.allclose(sol.x, x, atol=1e-7) and torch.allclose(sol.s_eq, torch.tensor([0.5, -0.5, 0.0], dtype=DT), atol=1e-7)
+    assert torch.allclose(sol.x, x, atol=1e-7)
+    assert torch.allclose(sol.s_eq, torch.tensor([0.5, -0.5, 0.0], dtype=DT), atol=1e-7)
 
     def fn(H, g, a1, a2, b, C, l, u):
         s = solve_qp(0.5 * (H + H.T), g, torch.stack([a1, a1, a2]), b, C, l, u, settings=SETTINGS)
@@ -328,10 +330,12 @@ def test_infeasible_backward_against_two_stage_cvxpy_oracle():
     gen = torch.Generator().manual_seed(27)
     ref = oracles.cvxpy_closest_feasible(**one)
     as_t = lambda a: torch.as_tensor(a, dtype=DT).unsqueeze(0)  # noqa: E731
-    sol = QPSolution(*(as_t(v) for v in ref[:5]), torch.tensor([int(Status.CLOSEST_FEASIBLE)]), torch.zeros(1, dtype=torch.long))
+    sol = QPSolution(*(as_t(v) for v in ref[:5]), torch.tensor([int(Status.CLOSEST_FEASIBLE)]),
+                     torch.zeros(1, dtype=torch.long))
     # The oracle's stage-2 multipliers are one choice among many (tests/oracles.py), so the loss
     # weighs only the outputs that are unique: x and the shift.
-    weights = [torch.randn(1, len(v), generator=gen, dtype=DT) * (0.0 if i in (1, 2) else 1.0) for i, v in enumerate(ref[:5])]
+    weights = [torch.randn(1, len(v), generator=gen, dtype=DT) * (0.0 if i in (1, 2) else 1.0)
+               for i, v in enumerate(ref[:5])]
     grads = implicit_backward(canonicalize(**one), sol, *weights)
 
     def loss(p):

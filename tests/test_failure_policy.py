@@ -114,7 +114,8 @@ def test_failed_gradient_policy_on_a_mixed_batch(policy, backward, options, fres
         loss.backward()
     found = failure_warnings(record)
     if policy == "zero":
-        assert len(found) == 1 and "DUAL_INFEASIBLE" in str(found[0].message) and "1 problem(s)" in str(found[0].message)
+        assert len(found) == 1
+        assert "DUAL_INFEASIBLE" in str(found[0].message) and "1 problem(s)" in str(found[0].message)
     else:
         assert not found
     # Per-problem inputs: problem 0's row is its gradient alone, problem 1's is zero / NaN.

@@ -286,9 +286,11 @@ def _dual_checks(prob, sol, i, tol_abs):
     near_u = np.isfinite(u) & (np.abs(cx - u) <= 1e-6 * np.maximum(1.0, np.abs(u)))
     near_l = np.isfinite(l) & (np.abs(cx - l) <= 1e-6 * np.maximum(1.0, np.abs(l)))
     if np.any((z > ztol) & ~near_u):
-        out.append(f"member {i}: z > 0 on rows not at their upper bound: {np.nonzero((z > ztol) & ~near_u)[0].tolist()}")
+        rows = np.nonzero((z > ztol) & ~near_u)[0].tolist()
+        out.append(f"member {i}: z > 0 on rows not at their upper bound: {rows}")
     if np.any((z < -ztol) & ~near_l):
-        out.append(f"member {i}: z < 0 on rows not at their lower bound: {np.nonzero((z < -ztol) & ~near_l)[0].tolist()}")
+        rows = np.nonzero((z < -ztol) & ~near_l)[0].tolist()
+        out.append(f"member {i}: z < 0 on rows not at their lower bound: {rows}")
     return out
 
 
@@ -525,7 +527,8 @@ def test_primal_infeasible_without_closest_feasible(name):
     expected = [int(Status.PRIMAL_INFEASIBLE) if k == "infeasible" else int(Status.SOLVED)
                 for k in member_kinds(name)]
     got = sol.status.tolist()
-    assert got == expected, [(i, Status(g).name, Status(e).name) for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert got == expected, [(i, Status(g).name, Status(e).name)
+                             for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     # The feasible members are still solved to the oracle's accuracy.
     for i, (kind, r) in enumerate(zip(member_kinds(name), oracle(name))):
         if kind == "unique":

@@ -9,8 +9,6 @@ must match the collection's published optimum to 1e-6 (relative to max(1, |optim
 The data lives outside the repository (``../shared/data/maros_meszaros/`` from its root); without
 it the module is skipped.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -64,10 +64,11 @@ class Tolerance(NamedTuple):
     def closest_feasible(self) -> "Tolerance":
         """The tolerance a closest-feasible answer is certified at: ``CLOSEST_FEASIBLE_FACTOR``
         times this one (in float32 that covers the rounding of an answer computed in float64,
-        which is how the ALM answers closest-feasible float32 problems). Its QP is found at the penalty floor, where the ALM's multipliers carry
-        round-off amplified by 1/mu_min, and its shifted rows are dependent: measured on the
-        test families, a right answer's residuals reach 1e-9 to 3e-8 relative where 1e-9 is asked
-        (a fixed factor: no allowance that grows)."""
+        which is how the ALM answers closest-feasible float32 problems). Its QP is found at the
+        penalty floor, where the ALM's multipliers carry round-off amplified by 1/mu_min, and its
+        shifted rows are dependent: measured on the test families, a right answer's residuals
+        reach 1e-9 to 3e-8 relative where 1e-9 is asked (a fixed factor: no allowance that
+        grows)."""
         return Tolerance(self.abs * CLOSEST_FEASIBLE_FACTOR, self.rel * CLOSEST_FEASIBLE_FACTOR)
 
     def bound(self, scale: Tensor) -> Tensor:

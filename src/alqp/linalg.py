@@ -77,30 +77,6 @@ def magnitudes(M: Tensor) -> Tensor:
     return M.to(torch.float32).abs_().clamp_(max=torch.finfo(torch.float32).max)
 
 
-def cholesky_solve_refined(K: Tensor, rhs: Tensor, refinements: int = 1) -> tuple[Tensor, Tensor]:
-    """Solve K x = rhs for a batch of symmetric positive-definite K, with iterative refinement.
-
-    Args:
-        K: (B,n,n) symmetric positive definite.
-        rhs: (B,n).
-        refinements: correction steps x += K^-1 (rhs - K x); they recover the digits that an
-            ill-conditioned factorization loses (the penalty terms make K stiff).
-
-    Returns:
-        x (B,n), and ok (B,) bool: False where the factorization failed (x is then 0 there).
-    """
-    L, info = torch.linalg.cholesky_ex(K)
-    ok = info == 0
-    if not bool(ok.all()):
-        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-        L = torch.where(ok[:, None, None], L, eye.expand_as(L))
-    x = cholesky_solve_rows(L, rhs)
-    for _ in range(refinements):
-        x = x + cholesky_solve_rows(L, rhs - vm(x, K.mT))
-    x = torch.where(ok.unsqueeze(-1), x, torch.zeros_like(x))
-    return x, ok
-
-
 def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int = 4) -> Tensor:
     """Remove from r its component in the range of the selected rows of G.
 
@@ -121,7 +97,8 @@ def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int =
     Gm = G * mask.unsqueeze(-1)
     rm = r * mask
     N = torch.matmul(Gm.transpose(-1, -2), Gm)
-    diag_max = N.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1.0) if N.shape[-1] else N.new_ones(N.shape[0], 1)
+    diag_max = (N.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1.0) if N.shape[-1]
+                else N.new_ones(N.shape[0], 1))
     reg = (torch.finfo(G.dtype).eps ** 0.75) * diag_max
     eye = torch.eye(N.shape[-1], dtype=G.dtype, device=G.device)
     L, _ = torch.linalg.cholesky_ex(N + reg.unsqueeze(-1) * eye)

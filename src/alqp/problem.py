@@ -7,7 +7,7 @@ leading B and is then shared by the whole batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -139,7 +139,8 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
         if A.shape[-1] != n:
             raise ValueError(f"A must have {n} columns, got shape {tuple(A.shape)}")
         if b.shape[-1] != A.shape[-2]:
-            raise ValueError(f"b must have {A.shape[-2]} entries (A has {A.shape[-2]} rows), got shape {tuple(b.shape)}")
+            raise ValueError(f"b must have {A.shape[-2]} entries (A has {A.shape[-2]} rows), "
+                             f"got shape {tuple(b.shape)}")
     if C is not None:
         if C.shape[-1] != n:
             raise ValueError(f"C must have {n} columns, got shape {tuple(C.shape)}")
@@ -231,11 +232,9 @@ class Scaling:
     F: Tensor
     c: Tensor
 
-    def select(self, index: Tensor) -> "Scaling":
-        return Scaling(*(getattr(self, f.name)[index] for f in fields(self)))
 
-
-def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool, tol: float = 0.1) -> tuple[QPProblem, Scaling]:
+def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool,
+                     tol: float = 0.1) -> tuple[QPProblem, Scaling]:
     """Ruiz equilibration of the KKT matrix [[H, A', C'], [A, 0, 0], [C, 0, 0]] plus cost scaling.
 
     Each sweep divides every column and row by the square root of its infinity norm, which drives
