@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: ProxSuite code writes an absent bound as +-1e20 (its QPLayer's closest-feasible path does); alqp
-#: would read that as a finite bound of size 1e20, whose size enters its scaling.
+#: ProxSuite's stand-in for an absent bound (its QPLayer's closest-feasible path writes -1e20 for
+#: the missing lower bounds). alqp would read it as a finite bound, whose size enters its scaling.
 PROXSUITE_INFINITY = 1e20
 
 
