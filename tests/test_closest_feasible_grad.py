@@ -17,9 +17,12 @@ check is on <dL/dA, A0 E> + <dL/dC, C0 E>; for "pinned" instances A and C are ch
 with generic directions.
 
 Finite differences are taken at h = 1e-5 and 1e-6; an item where they disagree by more than 1e-2
-(relative) (an active-set
-change within h, or round-off) is skipped from the assertion and counted, and the test fails
-when more than 5% of the items are skipped.
+(relative) (an active-set change within h, or round-off) is skipped from the assertion and
+counted, and the test fails when more than 5% of the items are skipped. The reference is their
+Richardson extrapolation (100 fd(h/10) - fd(h)) / 99, which removes the central difference's
+h^2 term: derivatives of the multipliers reach 4e6 here, and at h = 1e-5 that term alone was
+4.5e-3 of the derivative (pinned-6-2-9, member 6, loss on y along C: fd(1e-5) = 4.0128e6,
+fd(1e-6) = 3.99505e6, fd(1e-7) = 3.994872e6, analytic 3.994870e6).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ NAMES = ("H", "g", "A", "b", "C", "l", "u")
 OUTPUTS = ("x", "y", "z", "s_eq", "s_in")
 SETTINGS = Settings(eps_abs=1e-11)
 H_FD = 1e-5
-RTOL = 1e-2  # |analytic - fd| <= RTOL * scale (see _scale). Typical items agree to 1e-5..1e-4;
-# about 1 item in 500 sits at 2e-3..1e-2 (not yet explained: FD noise on multipliers ~1e3, or the backward)
+RTOL = 2e-3  # |analytic - fd| <= RTOL * scale (see _scale), fd the Richardson extrapolation. Measured
+# worst: 5e-4, on derivatives that are 0 (x along g on "pinned": analytic 1e-23, fd round-off 1e-6)
 MAX_SKIPPED = 0.05
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "closest_feasible_cases",
                     "multiblock1.npz")
@@ -141,7 +144,8 @@ def _check(r, label):
     scale = _scale(r)
     unstable = (r["fd"] - r["fd10"]).abs() > 1e-2 * scale
     unstable |= ~r["ok_status"].view(-1, 1, 1)
-    err = (r["an"] - r["fd"]).abs() / scale
+    richardson = (100 * r["fd10"] - r["fd"]) / 99
+    err = (r["an"] - richardson).abs() / scale
     bad = (err > RTOL) & ~unstable
     worst = float(err[~unstable].max()) if bool((~unstable).any()) else 0.0
     assert not bool(bad.any()), (label, bad.nonzero()[:10].tolist(), worst)
