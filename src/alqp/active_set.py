@@ -44,6 +44,7 @@ _DAQP_EQUALITY = 5
 # DAQP's exit flags (daqp/include/constants.h).
 _DAQP_OPTIMAL = 1
 _DAQP_INFEASIBLE = -1
+_DAQP_DEPENDENT_EQUALITIES = -6  # DAQP_EXIT_OVERDETERMINED_INITIAL: its equality rows are dependent
 _DAQP_STATUS = {
     -1: Status.PRIMAL_INFEASIBLE,  # DAQP_EXIT_INFEASIBLE
     -2: Status.MAX_ITER,  # DAQP_EXIT_CYCLE
@@ -228,10 +229,16 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     else:
         # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_ladder),
         # kept only where certified.
+        # DAQP's verdict of dependent equality rows says nothing about feasibility: such rows may be
+        # inconsistent (a repeated row with another right-hand side, or one that float32's rounding
+        # tilted by 1e-7, which DAQP calls dependent at its tolerance), so those problems try the
+        # closest feasible QP too, kept only where the shift is more than round-off (a consistent
+        # dependent set stays the ALM's to solve).
         if settings.closest_feasible and n > 0:
-            for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
+            for i in np.flatnonzero((flags == _DAQP_INFEASIBLE) | (flags == _DAQP_DEPENDENT_EQUALITIES)):
                 data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
-                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype)
+                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype,
+                                                 require_shift=flags[i] == _DAQP_DEPENDENT_EQUALITIES)
                 if found is not None:
                     x_out[i], w_out[i], shift_out[i], extra = found
                     iters[i] += extra
@@ -482,7 +489,7 @@ def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:
 
 
 def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, options: dict, tol: Tolerance,
-                             dtype: torch.dtype):
+                             dtype: torch.dtype, require_shift: bool = False):
     """The closest feasible QP of one infeasible problem in two DAQP phases: the least-squares
     shift s (:func:`_least_squares_shift`), then the QP on the shifted bounds lo + s, hi + s
     (:func:`_shifted_qp`). Phase 1 runs on DAQP's ladder of primal tolerances (its own, then looser,
@@ -498,6 +505,8 @@ def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, opti
         data: (H (n,n) or None for an LP, g (n,), G (k,n) = [A; C], lo, hi (k,)), float64 numpy.
         sense: DAQP's row flags (k,).  p: the number of equality rows.  options: DAQP's options.
         tol: the problem's certification tolerance.  dtype: the dtype the answer is returned in.
+        require_shift: return None where the least-squares shift is within the primal tolerance
+            of zero (the problem is feasible as far as that tolerance tells).
 
     Returns:
         (x (n,), multipliers (k,), shift (k,), active-set iterations of all tries) or None.
@@ -514,6 +523,12 @@ def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, opti
         iterations += its
         if shift is None:
             continue
+        if require_shift:
+            # (The bounds' size is that of G x on the rows that hold them: the primal residual's.)
+            bounds = np.concatenate([lo[np.isfinite(lo)], hi[np.isfinite(hi)]])
+            size = float(np.abs(bounds).max(initial=0.0))
+            if float(np.abs(shift).max(initial=0.0)) <= tol.abs + tol.rel * size:
+                return None
         # Phase 2 on its own ladder, from the phase-1 tolerance upwards (see _PHASE2_LADDER).
         for phase2_tol in _phase2_ladder(primal_tol):
             x, w, flag, its = _shifted_qp(solve, H, g, G, lo + shift, hi + shift, sense,
