@@ -5,22 +5,15 @@ report shows it as XFAIL (or XPASS once the defect is fixed, the cue to delete t
 """
 import pytest
 
-_MULTIBLOCK = ("issue 17: perturbed copies (h = 1e-5, 1e-6 along H, and A, C) of 2 of the 16 'free' instances end "
-               "MAX_ITER: DAQP's two-phase closest-feasible solve certifies at none of its primal tolerances and "
-               "the ALM's answer misses the closest-feasible tolerance (dual residual 1.8e-4 relative); the "
-               "directional check then skips more than 5% of its items")
 _F32_CF = ("issue 17: float32 closest-feasible answers are now re-solved in float64 and certified; these "
            "float32-rounded members are degenerate and the float64 ALM stalls on them (the old code stalled on "
            "2 of 8 of infeasible_ineq's rounded copies in float64 too, and reported float32 answers with x off "
-           "by 2e-2 as CLOSEST_FEASIBLE)")
+           "by 2e-2 as CLOSEST_FEASIBLE). The active-set engine's member now certifies: DAQP calls the float32-tilted "
+           "repeated rows dependent (flag -6), and those problems try the closest-feasible ladder too")
 KNOWN_DEFECTS: dict = {
     # "test_file.py::test_name[param]": "reason",
     "test_forward.py::test_float32[alm-infeasible_eq_duplicated]": _F32_CF,
     "test_forward.py::test_float32[alm-infeasible_ineq]": _F32_CF,
-    "test_forward.py::test_float32[active_set-infeasible_eq_duplicated]": _F32_CF,
-    **{f"test_closest_feasible_grad.py::test_multiblock_directional_derivatives[{case}]": _MULTIBLOCK
-       for case in ("free-5-1-8-16-31", "free-7-2-10-16-32", "free-8-3-12-16-33", "free_dup-7-2-10-16-42",
-                    "free_dup-8-2-11-16-43")},
 }
 
 

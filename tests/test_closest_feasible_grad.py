@@ -17,15 +17,17 @@ check is on <dL/dA, A0 E> + <dL/dC, C0 E>; for "pinned" instances A and C are ch
 with generic directions.
 
 Finite differences are taken at h = 1e-5 and 1e-6; an item where they disagree by more than 1e-2
-(relative) (an active-set
-change within h, or round-off) is skipped from the assertion and counted, and the test fails
-when more than 5% of the items are skipped.
+(relative) (an active-set change within h, or round-off) is skipped from the assertion and
+counted, and the test fails when more than 5% of the items are skipped. The reference is their
+Richardson extrapolation (100 fd(h/10) - fd(h)) / 99, which removes the central difference's
+h^2 term: derivatives of the multipliers reach 4e6 here, and at h = 1e-5 that term alone was
+4.5e-3 of the derivative (pinned-6-2-9, member 6, loss on y along C: fd(1e-5) = 4.0128e6,
+fd(1e-6) = 3.99505e6, fd(1e-7) = 3.994872e6, analytic 3.994870e6).
 """
 from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -39,16 +41,19 @@ NAMES = ("H", "g", "A", "b", "C", "l", "u")
 OUTPUTS = ("x", "y", "z", "s_eq", "s_in")
 SETTINGS = Settings(eps_abs=1e-11)
 H_FD = 1e-5
-RTOL = 1e-2  # |analytic - fd| <= RTOL * scale (see _scale). Typical items agree to 1e-5..1e-4;
-# about 1 item in 500 sits at 2e-3..1e-2 (not yet explained: FD noise on multipliers ~1e3, or the backward)
+RTOL = 2e-3  # |analytic - fd| <= RTOL * scale (see _scale), fd the Richardson extrapolation. Measured
+# worst: 5e-4, on derivatives that are 0 (x along g on "pinned": analytic 1e-23, fd round-off 1e-6)
 MAX_SKIPPED = 0.05
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "closest_feasible_cases",
                     "multiblock1.npz")
 DATA = os.environ.get("ALQP_MULTIBLOCK1", DATA if os.path.exists(DATA) else "/work/shared/data/closest_feasible_cases/multiblock1.npz")
 
-#: (kind, n, p, m, batch, seed): 208 instances (176 in the float64 check, 32 "weak").
+#: (kind, n, p, m, batch, seed): 240 instances, each checked by finite differences on every output
+#: along every input (208 by central differences, the 32 "weak" ones by one-sided differences); the
+#: 96 "pinned*" ones again in float32 (test_multiblock_float32_matches_float64).
 CASES = [
     ("pinned", 4, 1, 7, 16, 11), ("pinned", 6, 2, 9, 16, 12), ("pinned", 8, 3, 12, 16, 13),
+    ("pinned", 5, 2, 8, 16, 14), ("free_dup", 6, 1, 9, 16, 44),
     ("pinned_dup", 5, 1, 8, 16, 21), ("pinned_dup", 7, 2, 10, 16, 22),
     ("free", 5, 1, 8, 16, 31), ("free", 7, 2, 10, 16, 32), ("free", 8, 3, 12, 16, 33),
     ("free_dup", 5, 1, 8, 16, 41), ("free_dup", 7, 2, 10, 16, 42), ("free_dup", 8, 2, 11, 16, 43),
@@ -138,7 +143,8 @@ def _check(r, label):
     scale = _scale(r)
     unstable = (r["fd"] - r["fd10"]).abs() > 1e-2 * scale
     unstable |= ~r["ok_status"].view(-1, 1, 1)
-    err = (r["an"] - r["fd"]).abs() / scale
+    richardson = (100 * r["fd10"] - r["fd"]) / 99
+    err = (r["an"] - richardson).abs() / scale
     bad = (err > RTOL) & ~unstable
     worst = float(err[~unstable].max()) if bool((~unstable).any()) else 0.0
     assert not bool(bad.any()), (label, bad.nonzero()[:10].tolist(), worst)
@@ -165,16 +171,20 @@ def test_multiblock_directional_derivatives(kind, n, p, m, batch, seed):
             assert float(r["grads"]["x"][k].abs().max()) <= 1e-8
 
 
-@pytest.mark.xfail(reason="one-sided agreement not yet established: loss on y along b off by 0.45 relative "
-                          "on the predicted side (side rule or backward piece still to check)", strict=False)
 def test_multiblock_weakly_active_row_one_sided():
     """Kind "weak": an unshifted row on its bound with a zero multiplier makes a kink. The backward
     keeps such a row in the active set (alqp.backward, module docstring): its gradient is the
     derivative of the piece on which the row stays active, which is the one-sided derivative
     along d where that piece's d z_i has the sign of the row's bound (z_i >= 0 on an upper bound),
     and along -d otherwise. Checked against the one-sided difference of that side (h = 1e-6, and
-    h = 1e-7 for the stability test)."""
-    worst, skipped, total = 0.0, 0, 0
+    h = 1e-7 for the stability test).
+
+    The check discriminates: on the items where the two one-sided differences differ (a real kink
+    along d; measured: 553 of the 960 items), the analytic value must match the predicted side and
+    not the other one (measured: it matches the predicted side on all 553, the other side on none,
+    whose error is at least 2.6e-2). So the backward's element of the conservative Jacobian is the
+    derivative of the piece on which the weakly active row stays active."""
+    worst, skipped, total, kinks, other_side = 0.0, 0, 0, 0, 0
     for kind, n, p, m, batch, seed in [c for c in CASES if c[0] == "weak"]:
         prob, ref = F.multiblock_instance(batch, n, p, m, seed=seed, kind=kind)
         B = batch
@@ -208,45 +218,64 @@ def test_multiblock_weakly_active_row_one_sided():
                     fwd = ((moved[1.0][o] - base[o]) * weights[o]).sum(-1) / h
                     bwd = ((base[o] - moved[-1.0][o]) * weights[o]).sum(-1) / h
                     one_sided[h] = torch.where(side > 0, fwd, bwd)
+                    if h == 1e-6:
+                        opposite = torch.where(side > 0, bwd, fwd)
                 scale = torch.maximum(torch.maximum(an.abs(), one_sided[1e-6].abs()), torch.full_like(an, 1e-3))
                 unstable = (one_sided[1e-6] - one_sided[1e-7]).abs() > 1e-3 * scale
                 err = (an - one_sided[1e-6]).abs() / scale
                 assert not bool((err[~unstable] > 1e-3).any()), (o, group, err.max().item())
+                kink = ~unstable & ((one_sided[1e-6] - opposite).abs() > 1e-2 * scale)
+                kinks += int(kink.sum())
+                other_side += int((kink & ((an - opposite).abs() <= 1e-3 * scale)).sum())
                 if bool((~unstable).any()):
                     worst = max(worst, float(err[~unstable].max()))
                 skipped += int(unstable.sum())
                 total += B
-    STATS["weak"] = (worst, skipped, total)
+    STATS["weak"] = (worst, skipped, total, kinks)
     assert skipped <= MAX_SKIPPED * total, (skipped, total)
+    # Enough kinks that the side matters, and the analytic value on none of them the other side's.
+    assert kinks >= total // 4 and other_side == 0, (kinks, other_side, total)
 
 
-@pytest.mark.xfail(reason="float32 forward on multipliers ~1e3: gradient of a loss on x off by up to 0.89 "
-                          "relative against float64 (not investigated yet)", strict=False)
 def test_multiblock_float32_matches_float64():
-    """float32 inputs: the analytic gradient of a loss on every output agrees with the float64
-    gradient of the same problem. The float32 forward is accurate to its tolerance
-    eps = 100 eps_32 = 1.2e-5 (alqp.activity.activity_tol) relative in x and the shift; the
-    backward runs in float64 on that solution, so its error is that perturbation times the
-    derivative of the gradient map, which on these instances (multipliers up to 1e3, derivatives
-    of z up to 1e4 to 1e6) amplifies it by up to about 1e2 to 1e3: the tolerance is 1e-2 relative
-    to the gradient's size for losses on x and the shift, and 5e-2 for losses on y and z (the
-    float32 multipliers carry 1/mu-amplified round-off, alqp.activity.polish_multipliers)."""
+    """float32 inputs, the kinds whose structure survives rounding ("pinned", "pinned_dup": any
+    perturbation of the data keeps the QP infeasible with the same shifted rows, so the solution
+    map is differentiable there): the float32 answer and the analytic gradient of a loss on every
+    output agree with float64 on the same problem. 96 instances.
+
+    What a float32 answer is: the data rounded to float32 (6e-8 relative), solved in float64
+    (DAQP, or the ALM re-solved in float64: solver._solve_alm_certified) and rounded to float32;
+    the backward then runs in float64 on the float32 data and that rounded answer. Measured on
+    these instances against the float64 gradient of the original data: 7e-7 (relative to the
+    gradient's size) for losses on x and the shift, 1.2e-4 for losses on y and z; against the
+    float64 gradient of the float32-rounded data: at most 5e-7 for all outputs. So the gradient
+    error is the rounding of the data (the multipliers, up to 1e3, move by 1e-4 of their size
+    under it), not the rounding of the answer nor the backward: tolerances 1e-5 and 1e-3.
+
+    The kinds with dependent shifted rows ("free", "*_dup" with "free", "weak") are left out: the
+    rounding breaks the dependency, and the float32 QP is a different problem. Measured (8 of each,
+    float32 gradient against float64's of the original data): "free" 2e-4 to 1.3e-3 (x moves by up
+    to 3e-5), "free_dup" up to 1 (one member's rounded copy has another least-squares shift: s
+    moves by 0.9), "weak" up to 50 (x agrees to 1e-7, but the rounding decides on which side of
+    the weakly active row's kink the problem lies)."""
     worst = {}
-    for kind, n, p, m, batch, seed in CASES[::3]:
-        prob, _ = F.multiblock_instance(8, n, p, m, seed=seed + 7, kind=kind)
-        gen = torch.Generator().manual_seed(seed)
-        grads = {}
+    for kind, n, p, m, batch, seed in [c for c in CASES if c[0].startswith("pinned")]:
+        prob, _ = F.multiblock_instance(batch, n, p, m, seed=seed + 7, kind=kind)
+        grads, sols = {}, {}
         for dtype in (torch.float64, torch.float32):
             args = {k: v.to(dtype).clone().requires_grad_() for k, v in prob.items()}
             sol = solve_qp(**args, settings=SETTINGS if dtype == torch.float64 else Settings())
             assert (sol.status == Status.CLOSEST_FEASIBLE).all(), (kind, dtype, sol.status)
-            grads[dtype] = {}
+            grads[dtype], sols[dtype] = {}, sol
             g2 = torch.Generator().manual_seed(seed)
             for o in OUTPUTS:
                 wgt = torch.randn(getattr(sol, o).shape, generator=g2, dtype=DT).to(dtype)
                 gr = torch.autograd.grad((getattr(sol, o) * wgt).sum(), [args[k] for k in NAMES], retain_graph=True)
                 grads[dtype][o] = torch.cat([t.double().flatten(1) for t in gr], 1)
         for o in OUTPUTS:
+            a64, a32 = getattr(sols[torch.float64], o).detach(), getattr(sols[torch.float32], o).detach().double()
+            forward = float(((a32 - a64).abs().amax(-1) / a64.abs().amax(-1).clamp_min(1.0)).max()) if a64.numel() else 0.0
+            assert forward < (1e-5 if o in ("x", "s_eq", "s_in") else 1e-3), ("forward", o, forward)
             g64, g32 = grads[torch.float64][o], grads[torch.float32][o]
             finite = torch.isfinite(g64)
             err = ((g32 - g64).where(finite, torch.zeros_like(g64)).abs().amax(-1)
@@ -254,7 +283,7 @@ def test_multiblock_float32_matches_float64():
             worst[o] = max(worst.get(o, 0.0), float(err.max()))
     STATS["float32"] = worst
     for o, e in worst.items():
-        assert e < (1e-2 if o in ("x", "s_eq", "s_in") else 5e-2), (o, e)
+        assert e < (1e-5 if o in ("x", "s_eq", "s_in") else 1e-3), (o, e)
 
 
 @pytest.mark.skipif(not os.path.exists(DATA), reason="shared/data/closest_feasible_cases not present")

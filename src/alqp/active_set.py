@@ -13,7 +13,7 @@ An active-set answer is exact up to round-off once the active set is right, and 
 when it is not, so DAQP's exit flag is not trusted alone: every answer is re-checked in the
 caller's units with the residuals that the ALM solver stops on (:func:`alqp.solver._residuals`),
 and only a problem that passes is *certified*. An infeasible problem gets two more DAQP solves for
-its closest feasible QP (:func:`_closest_feasible_one`), certified the same way on the shifted
+its closest feasible QP (:func:`_closest_feasible_ladder`), certified the same way on the shifted
 problem. The others (unbounded, dependent equality rows, a failure, a tolerance not met) are meant
 to be re-solved by the ALM solver.
 
@@ -42,6 +42,7 @@ _DAQP_EQUALITY = 5
 # DAQP's exit flags (daqp/include/constants.h).
 _DAQP_OPTIMAL = 1
 _DAQP_INFEASIBLE = -1
+_DAQP_DEPENDENT_EQUALITIES = -6  # DAQP_EXIT_OVERDETERMINED_INITIAL: its equality rows are dependent
 _DAQP_STATUS = {
     -1: Status.PRIMAL_INFEASIBLE,  # DAQP_EXIT_INFEASIBLE
     -2: Status.MAX_ITER,  # DAQP_EXIT_CYCLE
@@ -223,12 +224,18 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
         status = np.full(B, int(Status.SOLVED), dtype=np.int64)
     else:
-        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_one),
+        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_ladder),
         # kept only where certified.
+        # DAQP's verdict of dependent equality rows says nothing about feasibility: such rows may be
+        # inconsistent (a repeated row with another right-hand side, or one that float32's rounding
+        # tilted by 1e-7, which DAQP calls dependent at its tolerance), so those problems try the
+        # closest feasible QP too, kept only where the shift is more than round-off (a consistent
+        # dependent set stays the ALM's to solve).
         if settings.closest_feasible and n > 0:
-            for i in np.flatnonzero(flags == _DAQP_INFEASIBLE):
+            for i in np.flatnonzero((flags == _DAQP_INFEASIBLE) | (flags == _DAQP_DEPENDENT_EQUALITIES)):
                 data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
-                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype)
+                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype,
+                                                 require_shift=flags[i] == _DAQP_DEPENDENT_EQUALITIES)
                 if found is not None:
                     x_out[i], w_out[i], shift_out[i], extra = found
                     iters[i] += extra
@@ -479,55 +486,97 @@ def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:
 
 
 def _closest_feasible_ladder(solve, data: tuple, sense: np.ndarray, p: int, options: dict, tol: Tolerance,
-                             dtype: torch.dtype):
-    """:func:`_closest_feasible_one` on DAQP's ladder of primal tolerances (its own, then looser,
-    then tighter): the first answer, rounded to ``dtype``, that its certification (on the shifted
-    QP, and the shift's optimality, at :meth:`Tolerance.closest_feasible`) accepts, or None. (The
+                             dtype: torch.dtype, require_shift: bool = False):
+    """The closest feasible QP of one infeasible problem in two DAQP phases: the least-squares
+    shift s (:func:`_least_squares_shift`), then the QP on the shifted bounds lo + s, hi + s
+    (:func:`_shifted_qp`). Phase 1 runs on DAQP's ladder of primal tolerances (its own, then looser,
+    then tighter), phase 2 on its own ladder after each (:func:`_phase2_ladder`): the first
+    answer, rounded to ``dtype``, that its certification (on the shifted QP, and the shift's
+    optimality, at :meth:`Tolerance.closest_feasible`) accepts, or None. (The
     two phases are sensitive to that tolerance: on the multi-block families of tests/families.py
-    one in ten problems failed at 1e-10 and solved at 1e-9, and others the other way round.)"""
+    one in ten problems failed at 1e-10 and solved at 1e-9, and others the other way round.) A
+    shifted set whose equality rows are dependent (DAQP's flag -6) fails every try, and the ALM
+    takes the problem over.
+
+    Args:
+        data: (H (n,n) or None for an LP, g (n,), G (k,n) = [A; C], lo, hi (k,)), float64 numpy.
+        sense: DAQP's row flags (k,).  p: the number of equality rows.  options: DAQP's options.
+        tol: the problem's certification tolerance.  dtype: the dtype the answer is returned in.
+        require_shift: return None where the least-squares shift is within the primal tolerance
+            of zero (the problem is feasible as far as that tolerance tells).
+
+    Returns:
+        (x (n,), multipliers (k,), shift (k,), active-set iterations of all tries) or None.
+    """
     H, g, G, lo, hi = data
     base = options["primal_tol"]
     loose = tol.closest_feasible()
     iterations = 0
+    Hc = H[None] if H is not None else np.zeros((1, G.shape[1], G.shape[1]))
+    t = torch.from_numpy
     for primal_tol in [base] + _ladder(base, "looser", "tighter"):
-        found = _closest_feasible_one(solve, H, g, G, lo, hi, sense, dict(options, primal_tol=primal_tol))
-        if found is None:
-            continue
-        x, w, shift, its = found
+        phase_options = dict(options, primal_tol=primal_tol)
+        shift, its = _least_squares_shift(solve, G, lo, hi, sense, phase_options)
         iterations += its
-        x, w = _rounded(x[None], dtype), _rounded(np.asarray(w)[None], dtype)
-        Hc = H[None] if H is not None else np.zeros((1, x.shape[1], x.shape[1]))
-        t = torch.from_numpy
-        ok = (_certify(Hc, g[None], G[None], lo[None] + shift, hi[None] + shift, p, x, w, loose)[0]
-              and bool(shift_optimal(t(G[None]), t(lo[None]), t(hi[None]), t(x), t(shift[None]), loose)[0]))
-        if ok:
-            return x[0], w[0], shift, iterations
+        if shift is None:
+            continue
+        if require_shift:
+            # (The bounds' size is that of G x on the rows that hold them: the primal residual's.)
+            bounds = np.concatenate([lo[np.isfinite(lo)], hi[np.isfinite(hi)]])
+            size = float(np.abs(bounds).max(initial=0.0))
+            if float(np.abs(shift).max(initial=0.0)) <= tol.abs + tol.rel * size:
+                return None
+        # Phase 2 on its own ladder, from the phase-1 tolerance upwards (see _PHASE2_LADDER).
+        for phase2_tol in _phase2_ladder(primal_tol):
+            x, w, flag, its = _shifted_qp(solve, H, g, G, lo + shift, hi + shift, sense,
+                                          dict(options, primal_tol=phase2_tol))
+            iterations += its
+            if flag == _DAQP_INFEASIBLE:
+                continue
+            if flag != _DAQP_OPTIMAL:
+                break  # (e.g. dependent equality rows: no tolerance changes that)
+            x, w = _rounded(x[None], dtype), _rounded(np.asarray(w)[None], dtype)
+            ok = (_certify(Hc, g[None], G[None], lo[None] + shift, hi[None] + shift, p, x, w, loose)[0]
+                  and bool(shift_optimal(t(G[None]), t(lo[None]), t(hi[None]), t(x), t(shift[None]), loose)[0]))
+            if ok:
+                return x[0], w[0], shift, iterations
     return None
 
 
-def _closest_feasible_one(solve, H, g, G, lo, hi, sense, options):
-    """The closest feasible QP of one infeasible problem, or None where DAQP fails on it.
+# The shifted QP of phase 2 is feasible only on the boundary: every shifted row is active at every
+# feasible point (its violation there equals the unique least-squares shift), and the shifted rows
+# are dependent, so the set they leave has no interior. The shift of phase 1 is exact only to
+# round-off (1e-13 relative), so at a primal tolerance below that DAQP may call the shifted QP
+# infeasible (issue 17: 2 of 16 'free' multi-block problems, at every tolerance of the ladder).
+# Phase 2 then retries at looser tolerances: DAQP's answer stays exact on the rows it holds
+# active (an equality-constrained solve), and the certification on the shifted QP still judges it.
+_PHASE2_LADDER = (1.0, 1e1, 1e2, 1e3, 1e4)
 
-    Phase 1: the least-squares shift, min 1/2 |s|^2 over (x, s) with lo <= G x - s <= hi (DAQP's
-    proximal iterations handle the singular Hessian). Phase 2: the QP on the shifted bounds
-    lo + s, hi + s. A shifted set whose equality rows are dependent (DAQP's flag -6) returns None,
-    and the ALM takes the problem over.
 
-    Returns:
-        (x (n,), multipliers (k,), shift (k,), active-set iterations of both phases) or None.
-    """
+def _phase2_ladder(primal_tol: float) -> list:
+    """The primal tolerances phase 2 tries after a phase 1 at ``primal_tol``, each once, within
+    [_INNER_TOL_MIN, _INNER_TOL_MAX]."""
+    steps = [min(max(primal_tol * f, _INNER_TOL_MIN), _INNER_TOL_MAX) for f in _PHASE2_LADDER]
+    return list(dict.fromkeys(steps))
+
+
+def _least_squares_shift(solve, G, lo, hi, sense, options):
+    """Phase 1: the least-squares shift s (k,) of the rows lo <= G x <= hi (G (k,n)), min 1/2 |s|^2
+    over (x, s) with lo <= G x - s <= hi (DAQP's proximal iterations handle the Hessian that is
+    singular in x), and DAQP's iterations; s is None where DAQP fails."""
     k, n = G.shape
     H1 = np.zeros((n + k, n + k))
     H1[n:, n:] = np.eye(k)
     G1 = np.concatenate([G, -np.eye(k)], axis=1)
     xs, _, flag, info = solve(H1, np.zeros(n + k), G1, hi, lo, sense, **options)
-    if flag != _DAQP_OPTIMAL:
-        return None
-    shift = xs[n:]
-    x, _, flag2, info2 = solve(H, g, G, hi + shift, lo + shift, sense, **options)
-    if flag2 != _DAQP_OPTIMAL:
-        return None
-    return x, info2["lam"], shift, info["iterations"] + info2["iterations"]
+    return (xs[n:] if flag == _DAQP_OPTIMAL else None), info["iterations"]
+
+
+def _shifted_qp(solve, H, g, G, lo, hi, sense, options):
+    """Phase 2: the QP on the shifted bounds; returns x (n,), multipliers (k,), DAQP's flag and
+    iterations."""
+    x, _, flag, info = solve(H, g, G, hi, lo, sense, **options)
+    return x, info["lam"], flag, info["iterations"]
 
 
 def _certify(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: int,

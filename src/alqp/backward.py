@@ -25,6 +25,14 @@ the least t >= 0 that gives every shifted inequality row its bound's sign, which
 multiplier at zero (R7; :func:`alqp.activity.closest_feasible_multipliers`). Where null(G_V') is
 the line through s, R6 says w_V's = 0.
 
+Where no derivative exists, which element of the conservative Jacobian: a row on its bound with
+a zero multiplier (weakly active; the map has a kink there) is kept in J, so the gradient is the
+derivative of the piece on which that row stays active. Along a direction d it is the one-sided
+derivative from the side where that piece's dz_i has its bound's sign (dz_i >= 0 on an upper
+bound): along +d where it has, along -d where not. tests/test_closest_feasible_grad.py checks this
+on 960 items of closest-feasible QPs with such a row: on the 553 where the two one-sided
+differences differ, the gradient matches the predicted side on all, the other side on none.
+
 These hold together with z_i = 0 off J and s_i = 0 off I, which pin those derivatives to zero. A feasible
 (SOLVED) problem keeps R1-R3 only, with s = 0 and ds = 0: the QPLayer paper's convention that the
 shift of a feasible QP has derivative zero. R1-R7 is our form of the paper's map G (appendix B):
