@@ -11,8 +11,8 @@ so the rows [A; C] of alqp's QP map to DAQP's rows one to one and lam splits int
 
 An active-set answer is exact up to round-off once the active set is right, and wrong outright
 when it is not, so DAQP's exit flag is not trusted alone: every answer is re-checked in the
-caller's units with the residuals that the ALM solver stops on (:func:`alqp.solver._residuals`),
-and only a problem that passes is *certified*. An infeasible problem gets two more DAQP solves for
+caller's units by the one certification of both engines (:func:`alqp.certify.residuals`), and
+only a problem that passes is *certified*. An infeasible problem gets two more DAQP solves for
 its closest feasible QP (:func:`_closest_feasible_ladder`), certified the same way on the shifted
 problem. The others (unbounded, dependent equality rows, a failure, a tolerance not met) are meant
 to be re-solved by the ALM solver.
