@@ -62,6 +62,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, canonicalize
@@ -113,6 +114,14 @@ def _fresh(outputs, inputs) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # The registered operators
 # ------------------------------------------------------------------------------------------------
+def _solve_impl(H, g, A, b, C, l, u, x0, y0, z0, settings: str) -> tuple:
+    problem = canonicalize(H, g, A, b, C, l, u)
+    warm = None if x0 is None else (x0, y0, z0)
+    solution, factor = solve_problem_factored(problem, settings_from_json(settings), warm)
+    _LOCAL.forward = (solution.status, _Carry(problem, factor))
+    return tuple(solution)
+
+
 @torch.library.custom_op("alqp::solve", mutates_args=())
 def _solve_op(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: Optional[Tensor],
               l: Optional[Tensor], u: Optional[Tensor], x0: Optional[Tensor], y0: Optional[Tensor],
@@ -121,12 +130,7 @@ def _solve_op(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C:
     """alqp::solve: the batched solution (x, y, z, s_eq, s_in, status, iterations), each with the
     batch dimension, of the QP data in :func:`solve_qp`'s shapes; ``settings`` is a Settings'
     JSON encoding and (x0, y0, z0) an optional warm start."""
-    problem = canonicalize(H, g, A, b, C, l, u)
-    warm = None if x0 is None else (x0, y0, z0)
-    solution, factor = solve_problem_factored(problem, settings_from_json(settings), warm)
-    out = _fresh(solution, (H, g, A, b, C, l, u, x0, y0, z0))
-    _LOCAL.forward = (out[5], _Carry(problem, factor))
-    return out
+    return _fresh(_solve_impl(H, g, A, b, C, l, u, x0, y0, z0, settings), (H, g, A, b, C, l, u, x0, y0, z0))
 
 
 def _batch_size(tensors, core_ndims):
@@ -153,6 +157,20 @@ def _engine_grads(problem, solution, incoming, settings: Settings, backward: Bac
     return implicit_backward(problem, solution, *incoming, settings=settings, factor=factor)
 
 
+def _backward_impl(H, g, A, b, C, l, u, x, y, z, s_eq, s_in, status, iterations, gx, gy, gz, gs_eq, gs_in,
+                   settings: str, backward: str, carry: int) -> tuple:
+    kept = _CARRIES.get(carry) if carry >= 0 else None
+    if kept is not None:
+        problem, factor = kept.problem, kept.factor
+    else:
+        # The forward checked the data; only its canonical form is needed again.
+        problem, factor = canonicalize(H, g, A, b, C, l, u, check_symmetry=False), None
+    solution = QPSolution(x, y, z, s_eq, s_in, status, iterations)
+    grads = _engine_grads(problem, solution, (gx, gy, gz, gs_eq, gs_in), settings_from_json(settings),
+                          backward_from_json(backward), factor)
+    return tuple(grads[name] for name in ARG_NAMES)
+
+
 @torch.library.custom_op("alqp::solve_backward", mutates_args=())
 def _backward_op(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: Optional[Tensor],
                  l: Optional[Tensor], u: Optional[Tensor], x: Tensor, y: Tensor, z: Tensor, s_eq: Tensor,
@@ -163,16 +181,9 @@ def _backward_op(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor],
     problem, each with the batch dimension ((B,n,n), (B,n), ...; (B,0,n) and the like for absent
     data), given the forward's data and solution and the incoming gradients of x, y, z, s_eq, s_in.
     ``carry`` is the key of the forward's canonical problem and factorization, or -1."""
-    kept = _CARRIES.get(carry) if carry >= 0 else None
-    if kept is not None:
-        problem, factor = kept.problem, kept.factor
-    else:
-        # The forward checked the data; only its canonical form is needed again.
-        problem, factor = canonicalize(H, g, A, b, C, l, u, check_symmetry=False), None
-    solution = QPSolution(x, y, z, s_eq, s_in, status, iterations)
-    grads = _engine_grads(problem, solution, (gx, gy, gz, gs_eq, gs_in), settings_from_json(settings),
-                          backward_from_json(backward), factor)
-    return _fresh([grads[name] for name in ARG_NAMES], (H, g, A, b, C, l, u, x, y, z, gx, gy, gz, gs_eq, gs_in))
+    grads = _backward_impl(H, g, A, b, C, l, u, x, y, z, s_eq, s_in, status, iterations, gx, gy, gz, gs_eq,
+                           gs_in, settings, backward, carry)
+    return _fresh(grads, (H, g, A, b, C, l, u, x, y, z, gx, gy, gz, gs_eq, gs_in))
 
 
 @_backward_op.register_fake
@@ -270,6 +281,14 @@ def _reduce_to(grad: Tensor, shape: torch.Size, core_ndim: int) -> Tensor:
     return grad
 
 
+def _plain_eager() -> bool:
+    """Whether nothing traces or transforms the call (no torch.compile, torch.func transform or
+    dispatch mode): then the implementations are called directly, without the dispatcher's
+    round trip through the registered ops (about 0.3 ms a call, measured)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or _get_current_dispatch_mode() is not None)
+
+
 class QPFunction(torch.autograd.Function):
     """autograd.Function over the ``alqp::solve`` and ``alqp::solve_backward`` operators.
 
@@ -281,7 +300,8 @@ class QPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(settings_json: str, backward_json: str, H, g, A, b, C, l, u, x0, y0, z0):
-        return _solve_op(H, g, A, b, C, l, u, x0, y0, z0, settings_json)
+        solve = _solve_impl if _plain_eager() else _solve_op
+        return solve(H, g, A, b, C, l, u, x0, y0, z0, settings_json)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -308,8 +328,10 @@ class QPFunction(torch.autograd.Function):
             return (None,) * 12
         saved = ctx.saved_tensors
         data, solution = saved[:7], saved[7:]
-        grads = _backward_op(*data, *solution, gx, gy, gz, gse, gsi, ctx.settings_json, ctx.backward_json,
-                             ctx.carry_key)
+        # Under create_graph=True the op is called, so that a double backward reaches its error.
+        grad_of = _backward_impl if _plain_eager() and not torch.is_grad_enabled() else _backward_op
+        grads = grad_of(*data, *solution, gx, gy, gz, gse, gsi, ctx.settings_json, ctx.backward_json,
+                        ctx.carry_key)
         out = []
         for name, t, grad, need in zip(ARG_NAMES, data, grads, needs):
             if t is None or not need:
@@ -325,6 +347,22 @@ class QPFunction(torch.autograd.Function):
         raise NotImplementedError(
             "alqp.solve_qp has no forward-mode derivative (jvp), so torch.func.jvp and torch.func.jacfwd "
             "cannot differentiate it; use reverse mode: torch.func.jacrev, torch.func.vjp or .backward()")
+
+
+class _EagerQPFunction(torch.autograd.Function):
+    """:class:`QPFunction` in the old ``forward(ctx, ...)`` form, for plain eager calls only:
+    ``Function.apply`` binds a ``setup_context`` Function's arguments with ``inspect.signature``
+    on every call, which cost more than the rest of the layer at batch 1. Not usable under
+    torch.func transforms (which need ``setup_context``), so :func:`_solve` picks it only when
+    :func:`_plain_eager`."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = QPFunction.forward(*args)
+        QPFunction.setup_context(ctx, args, output)
+        return output
+
+    backward = QPFunction.backward
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +414,8 @@ def _solve(H, g, A, b, C, l, u, settings_json: str, backward_json: str, warm_sta
     tensors = (H, g, A, b, C, l, u)
     _check_inputs(tensors)
     x0, y0, z0 = _warm_start_tensors(warm_start)
-    out = QPFunction.apply(settings_json, backward_json, *tensors, x0, y0, z0)
+    function = _EagerQPFunction if _plain_eager() else QPFunction
+    out = function.apply(settings_json, backward_json, *tensors, x0, y0, z0)
     batched = any(t is not None and t.dim() == _CORE_NDIM[name] + 1 for name, t in zip(ARG_NAMES, tensors))
     return QPSolution(*out) if batched else QPSolution(*(t[0] for t in out))
 

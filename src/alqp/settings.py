@@ -348,6 +348,7 @@ class LPGD:
 #: A backward choice.
 Backward = Union[IFT, LPGD]
 _BACKWARD_KINDS = {"ift": IFT, "lpgd": LPGD}
+_BACKWARD_DEFAULTS = {"ift": IFT(), "lpgd": LPGD()}
 
 
 def backward_from_dict(spec: dict) -> Backward:
@@ -370,6 +371,6 @@ def as_backward(backward) -> Backward:
     strings "ift" and "lpgd" give the defaults of each. Anything else raises, naming ``backward``."""
     if isinstance(backward, (IFT, LPGD)):
         return backward
-    if isinstance(backward, str) and backward in _BACKWARD_KINDS:
-        return _BACKWARD_KINDS[backward]()
+    if isinstance(backward, str) and backward in _BACKWARD_DEFAULTS:
+        return _BACKWARD_DEFAULTS[backward]
     raise ValueError(f"backward must be alqp.IFT(), alqp.LPGD(...), 'ift' or 'lpgd', got {backward!r}")
