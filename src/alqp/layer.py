@@ -95,18 +95,19 @@ _KEYS = itertools.count()
 
 def _fresh(outputs, inputs) -> tuple:
     """``outputs`` with every tensor that shares memory with an input or an earlier output
-    cloned: a custom op's outputs may alias neither."""
+    cloned: a custom op's outputs may alias neither. (Empty tensors are always cloned: they cost
+    nothing, and two of them may share one storage.)"""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
     out = []
     for t in outputs:
-        if t.numel() > 0:
+        if t.numel() == 0:
+            t = t.clone()
+        else:
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen or t._base is not None:
                 t = t.clone()
                 ptr = t.untyped_storage().data_ptr()
             seen.add(ptr)
-        elif t._base is not None:
-            t = t.clone()
         out.append(t)
     return tuple(out)
 
@@ -202,6 +203,24 @@ def _not_twice(ctx, *grads):
 
 
 _backward_op.register_autograd(_not_twice)
+
+
+class _BackwardFunction(torch.autograd.Function):
+    """``alqp::solve_backward`` with the autograd formula that raises, in the form that torch.func
+    transforms accept (a ``register_autograd`` formula is refused under them, and
+    ``torch.func.grad`` runs every backward with a graph)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return _backward_op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_not_twice)
 
 
 # ---------------------------------------------------------------------------------------- vmap rules
@@ -328,8 +347,14 @@ class QPFunction(torch.autograd.Function):
             return (None,) * 12
         saved = ctx.saved_tensors
         data, solution = saved[:7], saved[7:]
-        # Under create_graph=True the op is called, so that a double backward reaches its error.
-        grad_of = _backward_impl if _plain_eager() and not torch.is_grad_enabled() else _backward_op
+        # With a graph (create_graph=True, torch.func.grad) the gradients come out of a node whose
+        # backward raises, so that a double backward reaches its error.
+        if torch.compiler.is_compiling():
+            grad_of = _backward_op
+        elif torch.is_grad_enabled():
+            grad_of = _BackwardFunction.apply
+        else:
+            grad_of = _backward_impl if _plain_eager() else _backward_op
         grads = grad_of(*data, *solution, gx, gy, gz, gse, gsi, ctx.settings_json, ctx.backward_json,
                         ctx.carry_key)
         out = []
@@ -342,11 +367,20 @@ class QPFunction(torch.autograd.Function):
                        else grad.to(dtype=t.dtype, device=t.device))
         return (None, None, *out, None, None, None)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "alqp.solve_qp has no forward-mode derivative (jvp), so torch.func.jvp and torch.func.jacfwd "
-            "cannot differentiate it; use reverse mode: torch.func.jacrev, torch.func.vjp or .backward()")
+
+
+def _no_forward_mode(ctx, *tangents):
+    raise NotImplementedError(
+        "alqp.solve_qp has no forward-mode derivative (jvp), so torch.func.jvp, torch.func.jacfwd and "
+        "torch.autograd.forward_ad cannot differentiate it; use reverse mode: torch.func.jacrev, "
+        "torch.func.vjp or .backward()")
+
+
+class _TransformedQPFunction(QPFunction):
+    """:class:`QPFunction` with a ``jvp`` that says forward mode is not supported, for calls under
+    torch.func transforms (torch.compile does not trace a Function that defines ``jvp``)."""
+
+    jvp = staticmethod(_no_forward_mode)
 
 
 class _EagerQPFunction(torch.autograd.Function):
@@ -363,6 +397,7 @@ class _EagerQPFunction(torch.autograd.Function):
         return output
 
     backward = QPFunction.backward
+    jvp = staticmethod(_no_forward_mode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,7 +449,12 @@ def _solve(H, g, A, b, C, l, u, settings_json: str, backward_json: str, warm_sta
     tensors = (H, g, A, b, C, l, u)
     _check_inputs(tensors)
     x0, y0, z0 = _warm_start_tensors(warm_start)
-    function = _EagerQPFunction if _plain_eager() else QPFunction
+    if torch.compiler.is_compiling():
+        function = QPFunction
+    elif _plain_eager():
+        function = _EagerQPFunction
+    else:
+        function = _TransformedQPFunction
     out = function.apply(settings_json, backward_json, *tensors, x0, y0, z0)
     batched = any(t is not None and t.dim() == _CORE_NDIM[name] + 1 for name, t in zip(ARG_NAMES, tensors))
     return QPSolution(*out) if batched else QPSolution(*(t[0] for t in out))
