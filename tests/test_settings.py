@@ -12,11 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from oracles import cvxpy_qp
 
 from alqp import Settings, Status, solve_qp
 from alqp.bench.problems import random_qp_batch
-
-from oracles import cvxpy_qp
 
 DT = torch.float64
 NAMES = ("H", "g", "A", "b", "C", "l", "u")

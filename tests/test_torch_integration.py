@@ -13,6 +13,7 @@ import io
 import statistics
 import time
 
+import families as F
 import pytest
 import torch
 
@@ -22,8 +23,6 @@ from alqp.backward import implicit_backward
 from alqp.bench.problems import random_qp_batch
 from alqp.problem import canonicalize
 from alqp.solver import solve_problem_factored
-
-import families as F
 
 DT = torch.float64
 NAMES = ("H", "g", "A", "b", "C", "l", "u")

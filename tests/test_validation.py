@@ -8,10 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from oracles import cvxpy_qp
 
 from alqp import IFT, LPGD, Engine, QPLayer, Settings, Status, solve_qp
-
-from oracles import cvxpy_qp
 
 N, P, M, B = 4, 2, 3, 3
 NAN, INF = float("nan"), float("inf")

@@ -66,8 +66,16 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, canonicalize
-from alqp.settings import (IFT, LPGD, Backward, Settings, as_backward, backward_from_dict, backward_from_json,
-                           settings_from_json)
+from alqp.settings import (
+    IFT,
+    LPGD,
+    Backward,
+    Settings,
+    as_backward,
+    backward_from_dict,
+    backward_from_json,
+    settings_from_json,
+)
 from alqp.solver import QPSolution, solve_problem_factored
 
 # Number of trailing (per-problem) dimensions of each output of alqp::solve.
@@ -81,7 +89,7 @@ _GRAD_CORE_NDIM = tuple(_CORE_NDIM[name] for name in ARG_NAMES)
 class _Carry:
     """The canonical problem and the factorization of one forward, for its backward."""
 
-    __slots__ = ("problem", "factor", "__weakref__")
+    __slots__ = ("__weakref__", "factor", "problem")
 
     def __init__(self, problem, factor):
         self.problem, self.factor = problem, factor
@@ -89,7 +97,7 @@ class _Carry:
 
 _LOCAL = threading.local()
 # key -> _Carry; an entry lives as long as the autograd context that holds its _Carry.
-_CARRIES: "weakref.WeakValueDictionary[int, _Carry]" = weakref.WeakValueDictionary()
+_CARRIES: weakref.WeakValueDictionary[int, _Carry] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
@@ -545,4 +553,4 @@ class QPLayer(nn.Module):
         return f"backward={self.backward_choice!r}, settings={self.settings}"
 
 
-__all__ = ["solve_qp", "QPLayer", "QPFunction", "IFT", "LPGD"]
+__all__ = ["IFT", "LPGD", "QPFunction", "QPLayer", "solve_qp"]

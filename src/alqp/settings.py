@@ -242,7 +242,7 @@ class Settings:
         return out
 
     @classmethod
-    def coerce(cls, settings) -> "Settings":
+    def coerce(cls, settings) -> Settings:
         """``settings`` as a :class:`Settings`: None gives the defaults, a Settings is returned as
         it is, a dict (mapping) of field values is converted; unknown keys raise a ValueError
         that lists them and the known fields, anything else a TypeError."""
