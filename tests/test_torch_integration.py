@@ -329,3 +329,14 @@ def test_settings_dict_and_deprecated_keywords():
         layer = QPLayer(backward="lpgd", tau=0.3)
     assert layer.backward_choice == LPGD(tau=0.3)
     assert dataclasses.replace(LPGD(), tau=0.3) == layer.backward_choice
+
+
+def test_qplayer_attributes_are_converted_and_checked_on_assignment():
+    layer = QPLayer()
+    layer.settings = {"engine": "alm", "max_iter": 5}
+    layer.backward_choice = "lpgd"
+    assert layer.settings == Settings(engine="alm", max_iter=5) and layer.backward_choice == LPGD()
+    with pytest.raises(ValueError, match="Settings.max_iter"):
+        layer.settings = {"max_iter": 0}
+    with pytest.raises(ValueError, match="backward must be"):
+        layer.backward_choice = "adjoint"

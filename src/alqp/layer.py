@@ -534,19 +534,36 @@ class QPLayer(nn.Module):
                  tau: Optional[float] = None, variant: Optional[str] = None,
                  proximal: Optional[float] = None):
         super().__init__()
-        self.settings = Settings.coerce(settings)
+        self.settings = settings
         self.backward_choice = _resolve_backward(backward, tau, variant, proximal)
+
+    # Properties, so that a later assignment (a dict, a string) is converted and checked too.
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value) -> None:
+        self._settings = Settings.coerce(value)
+
+    @property
+    def backward_choice(self) -> Backward:
+        return self._backward_choice
+
+    @backward_choice.setter
+    def backward_choice(self, value) -> None:
+        self._backward_choice = as_backward(value)
 
     def forward(self, H: Tensor, g: Tensor, A: Optional[Tensor] = None, b: Optional[Tensor] = None,
                 C: Optional[Tensor] = None, l: Optional[Tensor] = None, u: Optional[Tensor] = None,
                 warm_start=None) -> QPSolution:
-        return _solve(H, g, A, b, C, l, u, self.settings._json, self.backward_choice._json, warm_start)
+        return _solve(H, g, A, b, C, l, u, self._settings._json, self._backward_choice._json, warm_start)
 
     def get_extra_state(self) -> dict:
         return {"settings": self.settings.to_dict(), "backward": self.backward_choice.to_dict()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.settings = Settings.coerce(dict(state["settings"]))
+        self.settings = dict(state["settings"])
         self.backward_choice = backward_from_dict(state["backward"])
 
     def extra_repr(self) -> str:
