@@ -89,8 +89,8 @@ class PathLayer(torch.nn.Module):
         self.register_buffer("H", torch.zeros(E, E, dtype=DT))
         self.register_buffer("C", torch.eye(E, dtype=DT))
         self.register_buffer("l", torch.zeros(E, dtype=DT))
-        options = dict(tau=TAU, variant="central") if backward == "lpgd" else {}
-        self.layer = alqp.QPLayer(SETTINGS, backward=backward, **options)
+        choice = alqp.LPGD(tau=TAU, variant="central") if backward == "lpgd" else alqp.IFT()
+        self.layer = alqp.QPLayer(SETTINGS, backward=choice)
 
     def costs(self, phi: torch.Tensor) -> torch.Tensor:
         return phi @ self.W.T + self.w0

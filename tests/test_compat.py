@@ -30,8 +30,13 @@ def random_batch(seed: int, two_sided: bool, shared: tuple = ()) -> dict:
     matrices and vectors named in ``shared`` are problem 0's for every problem (the bounds are
     made from them, so that every problem stays feasible)."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=F64)
-    share = lambda name, t: t[:1].expand_as(t).clone() if name in shared else t
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    def share(name, t):
+        return t[:1].expand_as(t).clone() if name in shared else t
+
     L = rand(B, N, N)
     Q = share("Q", L @ L.mT / N + torch.eye(N, dtype=F64))
     x0 = rand(B, N)

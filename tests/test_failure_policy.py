@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import alqp.failure
-from alqp import Settings, Status, solve_qp
+from alqp import IFT, LPGD, Settings, Status, solve_qp
 from alqp.settings import has_solution
 
 import families as F
@@ -28,7 +28,7 @@ import families as F
 DT = torch.float64
 INF = math.inf
 NAMES = ("H", "g", "A", "b", "C", "l", "u")
-BACKWARDS = [("ift", {}), ("lpgd", dict(tau=1e-4))]
+BACKWARDS = [IFT(), LPGD(tau=1e-4)]
 NOT_TWICE = "not differentiable twice"
 VALUES = "/work/shared/data/maros_meszaros/VALUES.mat"
 
@@ -71,9 +71,9 @@ def loss_of(sol, weight=None):
     return (w * sol.x).sum() + 0.5 * sol.z.sum()
 
 
-def grads(prob: dict, backward: str, options: dict, settings: Settings, weight=None):
+def grads(prob: dict, backward, settings: Settings, weight=None):
     args = leaves(prob)
-    sol = solve_qp(**args, settings=settings, backward=backward, **options)
+    sol = solve_qp(**args, settings=settings, backward=backward)
     loss_of(sol, weight).backward()
     return sol, {k: args[k].grad for k in args}
 
@@ -95,14 +95,14 @@ def test_has_solution_and_settings_validation():
         Settings(failed_gradient="ignore")
 
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
 @pytest.mark.parametrize("policy", ["zero", "nan", "raise"])
-def test_failed_gradient_policy_on_a_mixed_batch(policy, backward, options, fresh_warning):
+def test_failed_gradient_policy_on_a_mixed_batch(policy, backward, fresh_warning):
     prob = mixed_batch()
     settings = Settings(eps_abs=1e-10, failed_gradient=policy)
-    _, alone = grads(member(prob, 0), backward, options, settings)
+    _, alone = grads(member(prob, 0), backward, settings)
     args = leaves(prob)
-    sol = solve_qp(**args, settings=settings, backward=backward, **options)
+    sol = solve_qp(**args, settings=settings, backward=backward)
     assert sol.status.tolist() == [Status.SOLVED, Status.DUAL_INFEASIBLE]
     loss = loss_of(sol)
     if policy == "raise":
@@ -130,14 +130,14 @@ def test_failed_gradient_policy_on_a_mixed_batch(policy, backward, options, fres
             assert args[k].grad.isnan().all(), k
 
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
-def test_zero_policy_warns_once_per_process(backward, options, fresh_warning):
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
+def test_zero_policy_warns_once_per_process(backward, fresh_warning):
     prob = mixed_batch()
     counts = []
     for _ in range(2):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            grads(prob, backward, options, Settings())
+            grads(prob, backward, Settings())
         counts.append(len(failure_warnings(record)))
     assert counts == [1, 0]
 
@@ -169,8 +169,8 @@ def test_max_iter_batch_zero_gradient_and_nan_policy(fresh_warning):
             assert ((args[k].grad == 0).all() if policy == "zero" else args[k].grad.isnan().all()), (policy, k)
 
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
-def test_primal_infeasible_member_gets_zero_gradient(backward, options):
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
+def test_primal_infeasible_member_gets_zero_gradient(backward):
     """min 1/2|x|^2 + x1 + x2 s.t. theta <= x1 + x2, 0 <= x <= 1 (DESIGN section 2): theta = 1 is
     solved with dx_i/dtheta = 1/2; theta = 3 is infeasible, PRIMAL_INFEASIBLE without closest
     feasible mode, and gets zero gradient."""
@@ -183,7 +183,7 @@ def test_primal_infeasible_member_gets_zero_gradient(backward, options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         sol = solve_qp(H.expand(2, 2, 2), g, C=C, l=l, u=u,
-                       settings=Settings(closest_feasible=False, eps_abs=1e-10), backward=backward, **options)
+                       settings=Settings(closest_feasible=False, eps_abs=1e-10), backward=backward)
         assert sol.status.tolist() == [Status.SOLVED, Status.PRIMAL_INFEASIBLE]
         sol.x.sum().backward()
     assert theta.grad[1] == 0
@@ -240,9 +240,9 @@ def test_numerical_error_member_gets_zero_gradient_and_finite_outputs(fresh_warn
 # ------------------------------------------------------------------------------------------------
 # Non-finite incoming gradients
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_nonfinite_incoming_gradient_gives_nan(backward, options, value):
+def test_nonfinite_incoming_gradient_gives_nan(backward, value):
     # Three copies of one problem with different costs; A and C shared (their summed gradient
     # must become NaN), the other inputs per problem.
     prob = {k: v[0] for k, v in F.strictly_convex(1, 4, 1, 4, seed=5).items()}
@@ -251,10 +251,10 @@ def test_nonfinite_incoming_gradient_gives_nan(backward, options, value):
     prob["g"] += 0.1 * torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=DT)
     settings = Settings(eps_abs=1e-10, eps_rel=0.0)
     weight = torch.ones(3, 4, dtype=DT)
-    sol, ref = grads(prob, backward, options, settings, weight * torch.tensor([[1.0], [0.0], [1.0]], dtype=DT))
+    sol, ref = grads(prob, backward, settings, weight * torch.tensor([[1.0], [0.0], [1.0]], dtype=DT))
     assert (sol.status == Status.SOLVED).all()
     weight[1, 2] = value
-    _, got = grads(prob, backward, options, settings, weight)
+    _, got = grads(prob, backward, settings, weight)
     for k in ("H", "g", "b", "l", "u"):
         assert got[k][1].isnan().all(), k
         for i in (0, 2):  # the other problems' gradients are those of a finite loss
@@ -267,7 +267,7 @@ def test_nan_incoming_gradient_of_a_failed_problem_is_nan_under_zero_policy(fres
     weight = torch.tensor([[1.0, 1.0, 1.0], [math.nan, 1.0, 1.0]], dtype=DT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _, got = grads(prob, "ift", {}, Settings(), weight)
+        _, got = grads(prob, "ift", Settings(), weight)
     assert got["g"][1].isnan().all() and torch.isfinite(got["g"][0]).all()
 
 
@@ -293,17 +293,17 @@ def test_gradgradcheck_raises():
         torch.autograd.gradgradcheck(lambda g: box_qp(g).x, (G0.clone().requires_grad_(),))
 
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
 @pytest.mark.parametrize("loss", ["linear", "quadratic"])
-def test_second_backward_after_create_graph_raises(backward, options, loss):
+def test_second_backward_after_create_graph_raises(backward, loss):
     """The first-order gradient under create_graph=True is the usual one; differentiating it
     raises. A linear loss has constant incoming gradients (the case once_differentiable missed)."""
     f = (lambda x: x.sum()) if loss == "linear" else (lambda x: (x * x).sum())
     H = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
     C, l, u = torch.eye(2, dtype=DT), -torch.ones(2, dtype=DT), torch.ones(2, dtype=DT)
     g = torch.tensor([-3.0, 0.5], dtype=DT, requires_grad=True)
-    (plain,) = torch.autograd.grad(f(solve_qp(H, g, C=C, l=l, u=u, backward=backward, **options).x), g)
-    (first,) = torch.autograd.grad(f(solve_qp(H, g, C=C, l=l, u=u, backward=backward, **options).x), g,
+    (plain,) = torch.autograd.grad(f(solve_qp(H, g, C=C, l=l, u=u, backward=backward).x), g)
+    (first,) = torch.autograd.grad(f(solve_qp(H, g, C=C, l=l, u=u, backward=backward).x), g,
                                    create_graph=True)
     assert torch.equal(first.detach(), plain)
     with pytest.raises(RuntimeError, match=NOT_TWICE):
@@ -349,19 +349,19 @@ def test_indefinite_H_is_reported_non_convex(engine):
     assert torch.allclose(sol.x[0], alone.x[0], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backward,options", BACKWARDS)
-def test_non_convex_goes_through_the_failure_policy(backward, options):
+@pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
+def test_non_convex_goes_through_the_failure_policy(backward):
     prob = indefinite_batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         args = leaves(prob)
-        sol = solve_qp(**args, settings=Settings(failed_gradient="nan"), backward=backward, **options)
+        sol = solve_qp(**args, settings=Settings(failed_gradient="nan"), backward=backward)
         assert int(sol.status[1]) == Status.NON_CONVEX
         sol.x.sum().backward()
     assert args["g"].grad[1:].isnan().all() and torch.isfinite(args["g"].grad[0]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        sol = solve_qp(**leaves(prob), settings=Settings(failed_gradient="raise"), backward=backward, **options)
+        sol = solve_qp(**leaves(prob), settings=Settings(failed_gradient="raise"), backward=backward)
     with pytest.raises(RuntimeError, match="NON_CONVEX"):
         sol.x.sum().backward()
 
@@ -429,8 +429,8 @@ def test_lpgd_failed_resolve_follows_the_policy(policy):
     C = torch.ones(2, 1, 1, dtype=DT)
     l = torch.tensor([[0.0], [-INF]], dtype=DT)
     u = torch.tensor([[INF], [0.2]], dtype=DT)
-    sol = solve_qp(H, g, C=C, l=l, u=u, settings=Settings(failed_gradient=policy), backward="lpgd",
-                   tau=1.0, variant="right")
+    sol = solve_qp(H, g, C=C, l=l, u=u, settings=Settings(failed_gradient=policy),
+                   backward=LPGD(tau=1.0, variant="right"))
     assert (sol.status == Status.SOLVED).all()
     loss = (torch.tensor([[-5.0], [1.0]], dtype=DT) * sol.x).sum()
     if policy == "raise":

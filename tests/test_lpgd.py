@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import alqp.lpgd as lpgd_mod
-from alqp import QPLayer, Settings, Status, solve_qp
+from alqp import LPGD, QPLayer, Settings, Status, solve_qp
 from alqp.backward import implicit_backward
 from alqp.lpgd import LPGDOptions, lpgd_backward
 from alqp.problem import canonicalize
@@ -189,7 +189,7 @@ def test_matches_finite_differences_of_the_forward():
     h = 1e-5
     entries = dict(H=(0, 1, 2), g=(0, 3), A=(0, 0, 2), b=(0, 0), C=(0, 1, 0), l=(0, 1), u=(0, 0))
     for name, ij in entries.items():
-        def loss(delta):
+        def loss(delta, name=name, ij=ij):
             d = {k: v.clone() for k, v in prob.items()}
             d[name][ij] += delta
             if name == "H":  # keep H symmetric: perturb both (i,j) and (j,i) by delta / 2
@@ -241,18 +241,18 @@ def test_lp_vertex_lpgd_gradient_is_nonzero_descent_where_implicit_is_zero(varia
     prob, x_exact, target = _lp_batch()
     settings = Settings(eps_abs=1e-9, eps_rel=0.0)
 
-    def losses(g, backward="ift", **kw):
-        sol = solve_qp(**dict(prob, g=g), settings=settings, backward=backward, **kw)
+    def losses(g, backward="ift"):
+        sol = solve_qp(**dict(prob, g=g), settings=settings, backward=backward)
         assert (sol.status == Status.SOLVED).all()
         return ((sol.x - target) ** 2).sum(-1), sol.x
 
     grads = {}
-    for backward, kw in (("ift", {}), ("lpgd", dict(tau=1.0, variant=variant))):
+    for name, backward in (("ift", "ift"), ("lpgd", LPGD(tau=1.0, variant=variant))):
         g = prob["g"].clone().requires_grad_()
-        loss, x = losses(g, backward, **kw)
+        loss, x = losses(g, backward)
         assert torch.allclose(x, x_exact, atol=1e-6)
         loss.sum().backward()
-        grads[backward] = g.grad
+        grads[name] = g.grad
     assert grads["ift"].abs().max() < 1e-12  # exactly zero in exact arithmetic: x is locally constant
     step = grads["lpgd"]
     assert (step.abs().amax(-1) > 0.1).all()
@@ -269,8 +269,8 @@ def test_lp_left_variant_stays_at_the_vertex():
     returns zero: documented reason why LPs want the right or central variant."""
     prob, _, target = _lp_batch()
     g = prob["g"].clone().requires_grad_()
-    x = solve_qp(**dict(prob, g=g), settings=Settings(eps_abs=1e-9, eps_rel=0.0), backward="lpgd", tau=1.0,
-                 variant="left").x
+    x = solve_qp(**dict(prob, g=g), settings=Settings(eps_abs=1e-9, eps_rel=0.0),
+                 backward=LPGD(tau=1.0, variant="left")).x
     ((x - target) ** 2).sum().backward()
     assert g.grad.abs().max() < 1e-6
 
@@ -400,28 +400,59 @@ def test_options_reach_the_engine_through_solve_qp_and_qplayer():
     direct = lpgd_backward(P, sol, w, settings=SETTINGS, **opts)
     default = lpgd_backward(P, sol, w, settings=SETTINGS)
     assert _rel_err(direct, default) > 1e-3  # the options matter on this instance
-    for call in (lambda d: solve_qp(**d, settings=SETTINGS, backward="lpgd", **opts),
-                 lambda d: QPLayer(SETTINGS, backward="lpgd", **opts)(**d)):
+    for call in (lambda d: solve_qp(**d, settings=SETTINGS, backward=LPGD(**opts)),
+                 lambda d: QPLayer(SETTINGS, backward=LPGD(**opts))(**d)):
         inputs = {k: v.clone().requires_grad_() for k, v in prob.items()}
         (call(inputs).x * w).sum().backward()
         assert _rel_err({k: v.grad for k, v in inputs.items()}, direct) < 1e-12
-    assert "tau=0.3" in repr(QPLayer(backward="lpgd", tau=0.3))
+    assert "tau=0.3" in repr(QPLayer(backward=LPGD(tau=0.3)))
 
 
-@pytest.mark.parametrize("bad", [dict(tau=0.0), dict(tau=-1.0), dict(tau=float("nan")), dict(tau=float("inf")),
-                                 dict(variant="middle"), dict(proximal=-0.1), dict(proximal=float("inf"))])
-def test_bad_options_fail_at_construction(bad):
-    with pytest.raises(ValueError):
+def test_deprecated_option_keywords_still_reach_the_engine():
+    prob = feasible_qp(2, 4, 1, 3, 1, 1, seed=17)
+    w = torch.randn(2, 4, generator=torch.Generator().manual_seed(18), dtype=DT)
+    grads = []
+    for how in ("keywords", "object"):
+        inputs = {k: v.clone().requires_grad_() for k, v in prob.items()}
+        if how == "keywords":
+            with pytest.warns(DeprecationWarning, match=r"backward=alqp\.LPGD\(tau=\.\.\."):
+                sol = solve_qp(**inputs, settings=SETTINGS, backward="lpgd", tau=0.3, variant="left")
+        else:
+            sol = solve_qp(**inputs, settings=SETTINGS, backward=LPGD(tau=0.3, variant="left"))
+        (sol.x * w).sum().backward()
+        grads.append({k: v.grad for k, v in inputs.items()})
+    assert _rel_err(grads[0], grads[1]) == 0.0
+
+
+BAD_OPTIONS = [(dict(tau=0.0), ValueError, r"LPGD\.tau must be a positive finite number, got 0\.0"),
+               (dict(tau=-1.0), ValueError, r"LPGD\.tau must be a positive finite number, got -1\.0"),
+               (dict(tau=float("nan")), ValueError, r"LPGD\.tau must be a positive finite number, got nan"),
+               (dict(tau=float("inf")), ValueError, r"LPGD\.tau must be a positive finite number, got inf"),
+               (dict(variant="middle"), ValueError,
+                r"LPGD\.variant must be one of \('right', 'left', 'central'\), got 'middle'"),
+               (dict(proximal=-0.1), ValueError, r"LPGD\.proximal must be a non-negative finite number, got -0\.1"),
+               (dict(proximal=float("inf")), ValueError,
+                r"LPGD\.proximal must be a non-negative finite number, got inf"),
+               (dict(tau="1"), TypeError, r"LPGD\.tau must be a real number, got str"),
+               (dict(proximal=True), TypeError, r"LPGD\.proximal must be a real number, got bool")]
+
+
+@pytest.mark.parametrize("bad,exc,message", BAD_OPTIONS)
+def test_bad_options_fail_at_construction(bad, exc, message):
+    with pytest.raises(exc, match=message):
+        LPGD(**bad)
+    with pytest.raises(exc, match=message):
+        LPGDOptions(**bad)  # the former name
+    with pytest.warns(DeprecationWarning), pytest.raises(exc, match=message):
         QPLayer(backward="lpgd", **bad)
-    with pytest.raises(ValueError):
-        LPGDOptions(**bad)
 
 
 def test_lpgd_options_with_ift_are_an_error():
-    with pytest.raises(ValueError, match="lpgd"):
+    match = r"apply to backward='lpgd'.*got backward='ift'"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=match):
         QPLayer(backward="ift", tau=0.1)
     prob = feasible_qp(1, 3, 0, 2, 1, 0, seed=19)
-    with pytest.raises(ValueError, match="lpgd"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"\['variant'\] apply to backward='lpgd'"):
         solve_qp(prob["H"], prob["g"], C=prob["C"], l=prob["l"], u=prob["u"], variant="right")
 
 
@@ -432,10 +463,10 @@ def test_shared_inputs_unbatched_and_float32():
     shared_H = prob["H"][0].clone().requires_grad_()
     g = prob["g"].clone().requires_grad_()
     rest = {k: prob[k] for k in ("A", "b", "C", "l", "u")}
-    x = solve_qp(shared_H, g, **rest, settings=SETTINGS, backward="lpgd", tau=1e-3).x
+    x = solve_qp(shared_H, g, **rest, settings=SETTINGS, backward=LPGD(tau=1e-3)).x
     (x * w).sum().backward()
     Hb = prob["H"][0].expand(2, 4, 4).clone().requires_grad_()
-    x_b = solve_qp(Hb, prob["g"], **rest, settings=SETTINGS, backward="lpgd", tau=1e-3).x
+    x_b = solve_qp(Hb, prob["g"], **rest, settings=SETTINGS, backward=LPGD(tau=1e-3)).x
     (x_b * w).sum().backward()
     assert shared_H.grad.shape == (4, 4)
     assert torch.allclose(shared_H.grad, Hb.grad.sum(0), atol=1e-10)
@@ -443,7 +474,7 @@ def test_shared_inputs_unbatched_and_float32():
     p32 = {k: v[0].to(torch.float32).clone().requires_grad_() for k, v in prob.items()}
     # tau = 0.1: the float32 solver cannot resolve much smaller perturbations; the central variant
     # has no O(tau) error on a QP anyway.
-    sol = solve_qp(**p32, settings=Settings(eps_abs=1e-6, eps_rel=0.0), backward="lpgd", tau=0.1)
+    sol = solve_qp(**p32, settings=Settings(eps_abs=1e-6, eps_rel=0.0), backward=LPGD(tau=0.1))
     assert sol.x.dim() == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -464,7 +495,7 @@ def test_cuda_matches_cpu():
         # (detach: on the CPU .to() returns the tensor itself, and requires_grad_ on it made the
         # CUDA copy a non-leaf without a .grad; found on the first GPU run)
         inputs = {k: v.detach().to(dev).requires_grad_() for k, v in prob.items()}
-        (solve_qp(**inputs, settings=SETTINGS, backward="lpgd", tau=1e-3).x * w.to(dev)).sum().backward()
+        (solve_qp(**inputs, settings=SETTINGS, backward=LPGD(tau=1e-3)).x * w.to(dev)).sum().backward()
         out[dev] = {k: v.grad for k, v in inputs.items()}
     for k in NAMES:
         assert out["cuda"][k].device.type == "cuda"

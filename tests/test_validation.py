@@ -2,12 +2,15 @@
 message that names the offending argument."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import numpy as np
 import pytest
 import torch
+from oracles import cvxpy_qp
 
-from alqp import Settings, solve_qp
+from alqp import IFT, LPGD, Engine, QPLayer, Settings, Status, solve_qp
 
 N, P, M, B = 4, 2, 3, 3
 NAN, INF = float("nan"), float("inf")
@@ -48,10 +51,24 @@ def with_(prob, **changes):
     return out
 
 
+def _oracle_x(prob: dict, i=None) -> np.ndarray:
+    """CVXPY + Clarabel's solution of member i of a batched problem (or of an unbatched one)."""
+    member = {k: (v if i is None else v[i]).numpy() for k, v in prob.items()}
+    return cvxpy_qp(**member).x
+
+
 def test_good_problem_is_accepted():
-    # The baseline that all the bad variants below are derived from must itself be accepted.
-    solve_qp(**good())
-    solve_qp(**good(batch=False))
+    """The baseline that all the bad variants below are derived from is accepted, solved, and its
+    answer is the oracle's, batched and unbatched."""
+    prob = good()
+    sol = solve_qp(**prob)
+    assert sol.x.shape == (B, N) and (sol.status == Status.SOLVED).all()
+    for i in range(B):
+        assert np.allclose(sol.x[i].numpy(), _oracle_x(prob, i), atol=1e-6)
+    one = good(batch=False)
+    sol1 = solve_qp(**one)
+    assert sol1.x.shape == (N,) and int(sol1.status) == Status.SOLVED
+    assert np.allclose(sol1.x.numpy(), _oracle_x(one), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -179,13 +196,21 @@ def test_l_greater_than_u():
 
 
 def test_infinite_bounds_are_accepted():
-    # +-inf are valid bounds where they make sense (the negative of the two tests above).
+    """+-inf are valid bounds where they make sense (the negative of the two tests above): the
+    problem is solved to the oracle's answer, and a row with an infinite side gets no gradient
+    there."""
     prob = good()
     l, u = prob["l"].clone(), prob["u"].clone()
     l[:, 0] = -INF
     u[:, 1] = INF
-    sol = solve_qp(**with_(prob, l=l, u=u))
-    assert torch.isfinite(sol.x).all()
+    open_prob = with_(prob, l=l, u=u)
+    u_leaf = u.clone().requires_grad_()
+    sol = solve_qp(**with_(open_prob, u=u_leaf))
+    assert (sol.status == Status.SOLVED).all()
+    for i in range(B):
+        assert np.allclose(sol.x[i].detach().numpy(), _oracle_x(open_prob, i), atol=1e-6)
+    sol.x.sum().backward()
+    assert float(u_leaf.grad[:, 1].abs().max()) == 0.0
 
 
 def test_H_not_symmetric():
@@ -286,8 +311,107 @@ def test_both_tolerances_zero_is_rejected():
 
 
 def test_valid_settings_are_accepted():
+    """Non-default valid values are kept as given and reach the solver: the answer meets the
+    oracle to the asked tolerance, and closest_feasible=False turns an infeasible problem's status
+    into PRIMAL_INFEASIBLE."""
     s = Settings(eps_abs=1e-6, eps_rel=1e-6, max_iter=50, rho=1e-5, mu_min=1e-8, scaling_iter=0,
-                 closest_feasible=False)
-    assert s.max_iter == 50 and s.closest_feasible is False
-    sol = solve_qp(**good(), settings=s)
-    assert sol.x.shape == (B, N)
+                 closest_feasible=False, engine="alm")
+    assert (s.eps_abs, s.eps_rel, s.max_iter, s.rho, s.mu_min, s.scaling_iter) == (1e-6, 1e-6, 50, 1e-5, 1e-8, 0)
+    assert s.closest_feasible is False and s.engine is Engine.ALM
+    prob = good()
+    sol = solve_qp(**prob, settings=s)
+    assert (sol.status == Status.SOLVED).all() and (sol.iterations > 0).all()
+    for i in range(B):
+        assert np.allclose(sol.x[i].numpy(), _oracle_x(prob, i), atol=1e-4)
+    # b inconsistent with a duplicated row of A: infeasible.
+    A = torch.cat([prob["A"], prob["A"][:, :1]], 1)
+    b = torch.cat([prob["b"], prob["b"][:, :1] + 1.0], 1)
+    infeasible = with_(prob, A=A, b=b)
+    assert (solve_qp(**infeasible, settings=s).status == Status.PRIMAL_INFEASIBLE).all()
+    closest = dataclasses.replace(s, closest_feasible=True)
+    assert (solve_qp(**infeasible, settings=closest).status == Status.CLOSEST_FEASIBLE).all()
+
+
+# ---------------------------------------------------------------------------------------------- Settings types
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_iter", 1.5),
+        ("max_iter", "10"),
+        ("max_inner_iter", True),
+        ("stall_iter", None),
+        ("scaling_iter", 2.0),
+        ("eps_abs", "1e-9"),
+        ("rho", True),
+        ("mu_min", "small"),
+        ("closest_feasible", 1),
+        ("verbose", "yes"),
+    ],
+)
+def test_settings_wrong_type_names_the_field(field, value):
+    with pytest.raises(TypeError, match=rf"Settings\.{field} must be"):
+        Settings(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("engine", "daqp"), ("engine", 1), ("failed_gradient", "ignore"),
+                                          ("rho", float("inf")), ("eps_dual_inf", -1e-4),
+                                          ("stall_iter", 0)])
+def test_settings_wrong_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"Settings\.{field} must"):
+        Settings(**{field: value})
+
+
+def test_settings_are_frozen_and_replace_revalidates():
+    s = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.max_iter = 5
+    assert dataclasses.replace(s, max_iter=5).max_iter == 5 and s.max_iter == 1000
+    with pytest.raises(ValueError, match="Settings.max_iter"):
+        dataclasses.replace(s, max_iter=0)
+    # Spellings of one value give one Settings (they key caches and compiled graphs).
+    assert Settings(engine="alm", max_iter=np.int64(7), rho=np.float64(1e-6)) == \
+        Settings(engine=Engine.ALM, max_iter=7, rho=1e-6)
+    assert hash(Settings(engine="alm")) == hash(Settings(engine=Engine.ALM))
+    assert Settings.coerce(Settings(**s.to_dict())) == s
+
+
+def test_settings_as_dict():
+    prob = good()
+    sol = solve_qp(**prob, settings={"engine": "alm", "max_iter": 2, "eps_abs": 1e-14, "eps_rel": 0.0})
+    assert (sol.status == Status.MAX_ITER).all()
+    layer = QPLayer({"engine": "alm", "max_iter": 2})
+    assert layer.settings == Settings(engine="alm", max_iter=2)
+
+
+@pytest.mark.parametrize("call", ["solve_qp", "QPLayer"])
+def test_settings_dict_with_unknown_key_is_an_error(call):
+    with pytest.raises(ValueError, match=r"settings has unknown field\(s\) \['max_iters'\].*max_iter"):
+        if call == "solve_qp":
+            solve_qp(**good(), settings={"max_iters": 3})
+        else:
+            QPLayer({"max_iters": 3})
+
+
+@pytest.mark.parametrize("call", ["solve_qp", "QPLayer"])
+def test_settings_of_wrong_type_is_an_error(call):
+    with pytest.raises(TypeError, match="settings must be an alqp.Settings, a dict"):
+        if call == "solve_qp":
+            solve_qp(**good(), settings=[("max_iter", 3)])
+        else:
+            QPLayer(settings="fast")
+
+
+@pytest.mark.parametrize("bad", ["ifd", "LPGD", None, 3, LPGD])
+def test_unknown_backward_is_an_error(bad):
+    with pytest.raises(ValueError, match="backward must be alqp.IFT"):
+        QPLayer(backward=bad)
+    with pytest.raises(ValueError, match="backward must be alqp.IFT"):
+        solve_qp(**good(), backward=bad)
+
+
+def test_backward_choices_are_frozen_values():
+    assert IFT() == IFT() and LPGD(tau=0.5) == LPGD(tau=0.5) and LPGD(tau=0.5) != LPGD(tau=0.25)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LPGD().tau = 2.0
+    assert QPLayer(backward="lpgd").backward_choice == LPGD()
+    assert QPLayer().backward_choice == IFT()

@@ -110,7 +110,7 @@ that took no step although tau times the incoming gradient is well above the sol
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -121,59 +121,23 @@ from alqp.certify import resolve_tolerance
 from alqp.failure import mark_nan, screen_incoming
 from alqp.linalg import project_out_row_range, vm
 from alqp.problem import QPProblem
-from alqp.settings import Settings, Status, has_solution
+from alqp.settings import (DEFAULT_PROXIMAL, DEFAULT_TAU, DEFAULT_VARIANT, LPGD, LPGD_VARIANTS, Settings,  # noqa: F401
+                           Status, has_solution)
 from alqp.solver import solve_problem_factored
 from alqp.types import QPSolution
 
-#: Variants of the finite difference (see the module docstring).
-VARIANTS = ("right", "left", "central")
-
-#: Default perturbation size. tau multiplies the incoming gradient, so it has the units of cost
-#: per unit of loss: tau |dL/dx| is the change of the cost vector g (and tau |dL/dy|, tau |dL/dz|
-#: the change of b, l, u). The default 1.0 suits a loss whose gradient is of the order of the cost
-#: gaps between competing vertices, the case LPGD is for (an LP layer: tau must be large enough
-#: that the perturbed cost reaches a neighbouring vertex; examples/lpgd_learning.py learns about
-#: as well for any tau from 0.1 to 2). Scale it with the loss (a loss averaged over a batch of B has B
-#: times smaller gradients). For a QP where LPGD should approximate the exact gradient, pass a tau
-#: small against |g| / |dL/dx| but with tau |dL/dx| far above Settings.eps_abs (1e-3 .. 1e-5 in float64).
-DEFAULT_TAU = 1.0
-
-#: Default proximal weight rho_p (0: plain LPGD, whose tau -> 0 limit is the exact derivative).
-DEFAULT_PROXIMAL = 0.0
-
-#: Default variant: central is exact on QPs for tau below the first active-set change (one-sided
-#: variants carry an O(tau) error), at the price of re-solving 2B problems instead of B.
-DEFAULT_VARIANT = "central"
+#: Variants of the finite difference (see the module docstring). The option type, its defaults
+#: (DEFAULT_TAU, DEFAULT_VARIANT, DEFAULT_PROXIMAL, documented there) and its validation live in
+#: :mod:`alqp.settings` as :class:`alqp.LPGD`, with the other public options.
+VARIANTS = LPGD_VARIANTS
 
 #: The finite differences are formed in float64: products such as y_tau x_tau' - y* x*' lose
 #: digits to cancellation that float32 cannot spare.
 WORK_DTYPE = torch.float64
 
 
-@dataclass(frozen=True)
-class LPGDOptions:
-    """Options of the LPGD backward, validated.
-
-    Attributes:
-        tau: perturbation size, > 0 (see :data:`DEFAULT_TAU`).
-        variant: "right", "left" or "central" (see :data:`DEFAULT_VARIANT`).
-        proximal: weight rho_p >= 0 of the proximal term rho_p/2 |x - x*|^2 added to the re-solved
-            cost (see :data:`DEFAULT_PROXIMAL`).
-    """
-
-    tau: float = DEFAULT_TAU
-    variant: str = DEFAULT_VARIANT
-    proximal: float = DEFAULT_PROXIMAL
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0 \
-                or self.tau == float("inf"):
-            raise ValueError(f"LPGD tau must be a positive finite number, got {self.tau!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"LPGD variant must be one of {VARIANTS}, got {self.variant!r}")
-        if isinstance(self.proximal, bool) or not isinstance(self.proximal, (int, float)) \
-                or not 0 <= self.proximal < float("inf"):
-            raise ValueError(f"LPGD proximal must be a non-negative finite number, got {self.proximal!r}")
+#: The former name of :class:`alqp.LPGD` (the validated options of this backward).
+LPGDOptions = LPGD
 
 
 def _outer(a: Tensor, b: Tensor) -> Tensor:
@@ -293,7 +257,7 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         grad_x (B,n), grad_y (B,p), grad_z (B,m), grad_s_eq (B,p), grad_s_in (B,m): dL/d(output);
             None means zero.
         settings: the forward's :class:`Settings`, reused for the re-solve (defaults when None).
-        tau, variant, proximal: see :class:`LPGDOptions`; None takes the default.
+        tau, variant, proximal: see :class:`alqp.LPGD`; None takes the default.
         factor: the forward's :class:`alqp.active_set.LeastDistanceFactor` of ``problem``, or None.
             The re-solved QPs keep H, A and C (without the proximal term), so their least-distance
             form reuses it instead of factoring them again.
@@ -302,10 +266,8 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above, in
         the problem's dtype and device; dL/dH is symmetric; dL/dl, dL/du are 0 at infinite bounds.
     """
-    defaults = LPGDOptions()
-    opts = LPGDOptions(tau=defaults.tau if tau is None else tau,
-                       variant=defaults.variant if variant is None else variant,
-                       proximal=defaults.proximal if proximal is None else proximal)
+    opts = LPGD(tau=DEFAULT_TAU if tau is None else tau, variant=DEFAULT_VARIANT if variant is None else variant,
+                proximal=DEFAULT_PROXIMAL if proximal is None else proximal)
     settings = settings or Settings()
     dtype = problem.H.dtype
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
