@@ -46,7 +46,8 @@ RTOL = 2e-3  # |analytic - fd| <= RTOL * scale (see _scale), fd the Richardson e
 MAX_SKIPPED = 0.05
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "closest_feasible_cases",
                     "multiblock1.npz")
-DATA = os.environ.get("ALQP_MULTIBLOCK1", DATA if os.path.exists(DATA) else "/work/shared/data/closest_feasible_cases/multiblock1.npz")
+DATA = os.environ.get("ALQP_MULTIBLOCK1",
+                      DATA if os.path.exists(DATA) else "/work/shared/data/closest_feasible_cases/multiblock1.npz")
 
 #: (kind, n, p, m, batch, seed): 240 instances, each checked by finite differences on every output
 #: along every input (208 by central differences, the 32 "weak" ones by one-sided differences); the
@@ -274,7 +275,8 @@ def test_multiblock_float32_matches_float64():
                 grads[dtype][o] = torch.cat([t.double().flatten(1) for t in gr], 1)
         for o in OUTPUTS:
             a64, a32 = getattr(sols[torch.float64], o).detach(), getattr(sols[torch.float32], o).detach().double()
-            forward = float(((a32 - a64).abs().amax(-1) / a64.abs().amax(-1).clamp_min(1.0)).max()) if a64.numel() else 0.0
+            forward = (float(((a32 - a64).abs().amax(-1) / a64.abs().amax(-1).clamp_min(1.0)).max())
+                       if a64.numel() else 0.0)
             assert forward < (1e-5 if o in ("x", "s_eq", "s_in") else 1e-3), ("forward", o, forward)
             g64, g32 = grads[torch.float64][o], grads[torch.float32][o]
             finite = torch.isfinite(g64)

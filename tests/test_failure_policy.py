@@ -171,7 +171,7 @@ def test_max_iter_batch_zero_gradient_and_nan_policy(fresh_warning):
 
 @pytest.mark.parametrize("backward", BACKWARDS, ids=["ift", "lpgd"])
 def test_primal_infeasible_member_gets_zero_gradient(backward):
-    """min 1/2|x|^2 + x1 + x2 s.t. theta <= x1 + x2, 0 <= x <= 1 (DESIGN section 2): theta = 1 is
+    """min 1/2|x|^2 + x1 + x2 s.t. theta <= x1 + x2, 0 <= x <= 1 (docs/design.md section 2): theta = 1 is
     solved with dx_i/dtheta = 1/2; theta = 3 is infeasible, PRIMAL_INFEASIBLE without closest
     feasible mode, and gets zero gradient."""
     H = torch.eye(2, dtype=DT)

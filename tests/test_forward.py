@@ -562,7 +562,7 @@ def test_warm_start(form):
 
 
 # ----------------------------------------------------------------------------------------------
-# DESIGN's reference unit test: min x1 + x2  s.t.  theta <= x1 + x2,  0 <= x <= 1
+# The reference unit test of docs/design.md section 2: min x1 + x2  s.t.  theta <= x1 + x2,  0 <= x <= 1
 # ----------------------------------------------------------------------------------------------
 THETAS = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
 
@@ -592,7 +592,7 @@ def test_design_reference_problem(dtype):
             assert st == "SOLVED", (th, st)
             # Every x in the box with x1 + x2 = theta is optimal: the objective and feasibility are
             # what is determined. From x0 = 0 the iterates stay symmetric in exact arithmetic, and
-            # float64 keeps DESIGN's x = theta/2; float32's round-off may pick another optimum.
+            # float64 keeps docs/design.md's x = theta/2; float32's round-off may pick another optimum.
             assert abs(x.sum() - th) < tol and x.min() > -tol and x.max() < 1 + tol, (th, x)
             if dtype == "float64":
                 assert np.abs(x - th / 2).max() < tol, (th, x)

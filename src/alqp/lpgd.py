@@ -2,7 +2,7 @@
 
 Instead of differentiating the optimality conditions, LPGD re-solves the QP with its linear terms
 perturbed by the incoming gradient and reads the gradient of the data off a finite difference of
-the Lagrangian's data-gradient between the perturbed and the forward solution (DESIGN section 5).
+the Lagrangian's data-gradient between the perturbed and the forward solution (docs/design.md section 5).
 
 When to choose it over the implicit backward (``backward="ift"``)
 -----------------------------------------------------------------
@@ -23,7 +23,7 @@ whose A or C is learned, or whose multipliers carry the loss (see "Closest-feasi
 
 The perturbed problem
 ---------------------
-The QP's Lagrangian (DESIGN section 1, ProxSuite's signs) is
+The QP's Lagrangian (docs/design.md section 1, ProxSuite's signs) is
 
     L(x, y, z; theta) = 1/2 x'Hx + g'x + y'(A x - b) + z'C x - [z]+'u - [z]-'l.
 
