@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 for _shared in ("models", "data", "train"):  # other examples' modules of the same names
     sys.modules.pop(_shared, None)
 sys.path.insert(0, os.path.join(ROOT, "examples", "classification"))
-import data  # noqa: E402
-import models  # noqa: E402
-import train  # noqa: E402
+import data
+import models
+import train
 
 for _shared in ("models", "data", "train"):  # leave the names free for the other examples' tests
     sys.modules.pop(_shared, None)

@@ -10,8 +10,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "examples", "robustness"))
-import common  # noqa: E402
-import run  # noqa: E402
+import common
+import run
 
 for _shared in ("models", "data", "train", "run"):  # leave the names free for the other examples' tests
     sys.modules.pop(_shared, None)

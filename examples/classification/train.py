@@ -29,7 +29,6 @@ import data
 import models
 
 
-
 def nll(out: models.ClassifierOutput, labels: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the labels (B,) under the model's log-probabilities (B, 10)."""
     return F.nll_loss(out.log_probs, labels)

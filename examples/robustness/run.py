@@ -1,6 +1,7 @@
 """Training with large learning rates (QPLayer paper, App. C.3, Figure 10): alqp against qpth.
 
     python examples/robustness/run.py            # reduced: 2 seeds, small data, a few epochs (~5 min here)
+    python examples/robustness/run.py --denoising-lrs 1e-2,1e-3 --classification-lrs 1,0.1   # beyond the paper's
     python examples/robustness/run.py --full     # the paper's: 10 seeds, full-size tasks, 30 epochs
     python examples/robustness/run.py --task classification --seeds 5
 
@@ -36,7 +37,7 @@ LEARNING_RATES = {"denoising": [1e-4, 1e-5, 1e-6, 1e-7], "classification": [1e-2
 SIZES = {
     "reduced": {"seeds": 2, "last": 3,
                 "denoising": {"length": 20, "train": 600, "test": 150, "epochs": 4},
-                "classification": {"train_limit": 640, "epochs": 5}},
+                "classification": {"train_limit": None, "epochs": 10}},
     "full": {"seeds": 10, "last": 10,
              "denoising": {"length": 100, "train": 9000, "test": 1000, "epochs": 30},
              "classification": {"train_limit": None, "epochs": 30}},
@@ -44,17 +45,27 @@ SIZES = {
 
 
 def load_task(name: str):
-    """Import ``examples/<name>/train.py`` as a module of its own (the two tasks share module names)."""
-    for shared in ("models", "data", "train"):
-        sys.modules.pop(shared, None)
-    spec = importlib.util.spec_from_file_location(f"{name}_train", os.path.join(EXAMPLES, name, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Import ``examples/<name>/train.py`` as a module of its own.
+
+    The examples' modules share names (models, data, train); the ones already imported under those
+    names (another example's) are put back afterwards, so this loader leaves sys.modules as it was.
+    """
+    shared = ("models", "data", "train")
+    before = {k: sys.modules.pop(k) for k in shared if k in sys.modules}
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_train", os.path.join(EXAMPLES, name, "train.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for k in shared:
+            sys.modules.pop(k, None)
+        sys.modules.update(before)
     return module
 
 
-def run_task(task: str, solvers: list, seeds: int, size: dict, last: int, data_source: str, progress: bool) -> list:
-    """Every (learning rate, solver, seed) run of ``task``; returns one summary dict per run."""
+def run_task(task: str, lrs: list, solvers: list, seeds: int, size: dict, last: int, data_source: str,
+             progress: bool) -> list:
+    """Every (learning rate in ``lrs``, solver, seed) run of ``task``; returns one summary dict per run."""
     from tqdm import tqdm
 
     module = load_task(task)
@@ -65,7 +76,7 @@ def run_task(task: str, solvers: list, seeds: int, size: dict, last: int, data_s
         train, test = module.data.load(data_source, seed=0)
         if cfg["train_limit"]:
             train = module.data.Digits(train.x[:cfg["train_limit"]], train.y[:cfg["train_limit"]])
-    jobs = [(lr, solver, seed) for lr in LEARNING_RATES[task] for solver in solvers for seed in range(seeds)]
+    jobs = [(lr, solver, seed) for lr in lrs for solver in solvers for seed in range(seeds)]
     rows = []
     for lr, solver, seed in tqdm(jobs, desc=f"robustness {task}", disable=not progress, dynamic_ncols=True):
         kwargs = {"optimizer": "sgd", "lr": lr, "epochs": cfg["epochs"], "seed": seed, "progress": False}
@@ -112,7 +123,8 @@ def plot(table: list, path: str) -> None:
     import numpy as np
 
     tasks = [t for t in LEARNING_RATES if any(r["task"] == t for r in table)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    rates = {t: sorted({r["lr"] for r in table if r["task"] == t}, reverse=True) for t in tasks}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
     series = [("failed_runs", None, "qpth", "qpth (OptNet) failed runs"), ("failed_runs", None, "alqp", "alqp failed runs"),
               ("final_loss_mean", "final_loss_ci95", "qpth", "qpth final loss mean"),
               ("final_loss_mean", "final_loss_ci95", "alqp", "alqp final loss mean"),
@@ -120,7 +132,7 @@ def plot(table: list, path: str) -> None:
               ("std_last_mean", "std_last_ci95", "alqp", "alqp std (last epochs) mean")]
     colors = ["tab:red", "tab:blue", "lightcoral", "lightsteelblue", "darkred", "navy"]
     for ax, task in zip(axes[0], tasks):
-        lrs = LEARNING_RATES[task]
+        lrs = rates[task]
         width = 0.8 / len(series)
         for k, ((key, err, solver, label), color) in enumerate(zip(series, colors)):
             vals, errs = [], []
@@ -129,14 +141,22 @@ def plot(table: list, path: str) -> None:
                 vals.append(np.nan if row is None or row[key] is None else row[key])
                 errs.append(0.0 if row is None or err is None or not np.isfinite(row[err] or np.nan) else row[err])
             x = np.arange(len(lrs)) + (k - len(series) / 2 + 0.5) * width
-            ax.bar(x, vals, width, yerr=errs, color=color, label=label, capsize=2)
+            lower = [min(e, v) if np.isfinite(v) else 0.0 for e, v in zip(errs, vals)]  # the axis starts at 0
+            ax.bar(x, vals, width, yerr=[lower, errs], color=color, label=label, capsize=2)
+        for j, lr in enumerate(lrs):  # failed-run counts, readable where the bars have height 0
+            counts = [next((f"{r['failed_runs']}/{r['runs']}" for r in table
+                            if r["task"] == task and r["lr"] == lr and r["solver"] == s), "-") for s in ("qpth", "alqp")]
+            ax.annotate(f"failed: qpth {counts[0]}, alqp {counts[1]}", (j, 0), xytext=(0, -28),
+                        textcoords="offset points", ha="center", fontsize=7)
         ax.set_xticks(np.arange(len(lrs)), [f"{lr:g}" for lr in lrs])
-        ax.set_xlabel("SGD learning rate")
+        ax.set_xlabel("SGD learning rate", labelpad=14)
         ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("failed runs (count) / test loss" + (" (MSE)" if task == "denoising" else " (NLL)"))
         ax.set_title(f"robustness: {task}")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -149,6 +169,8 @@ def parse_args(argv: list | None = None):
     p.add_argument("--full", action="store_true", help="10 seeds, full-size tasks, 30 epochs (hours)")
     p.add_argument("--seeds", type=int, help="seeds per (learning rate, solver) (reduced default 2, full 10)")
     p.add_argument("--epochs", type=int, help="override the epochs of both tasks")
+    p.add_argument("--denoising-lrs", help="comma list replacing the paper's denoising learning rates")
+    p.add_argument("--classification-lrs", help="comma list replacing the paper's classification learning rates")
     p.add_argument("--data", default="digits", help="classification data: digits, synthetic or an IDX folder")
     p.add_argument("--out", default="results/robustness", help="folder of robustness.json and robustness.png")
     p.add_argument("--threads", type=int, default=1)
@@ -171,13 +193,21 @@ def main(argv: list | None = None) -> dict:
     if args.epochs:
         for task in LEARNING_RATES:
             size[task]["epochs"] = args.epochs
+    rates = dict(LEARNING_RATES)
+    for task in LEARNING_RATES:
+        given = getattr(args, f"{task}_lrs")
+        if given:
+            try:
+                rates[task] = sorted((float(v) for v in given.split(",")), reverse=True)
+            except ValueError:
+                raise ValueError(f"--{task}-lrs must be a comma list of numbers, got {given!r}") from None
     tasks = list(LEARNING_RATES) if args.task == "all" else [args.task]
     t0 = time.perf_counter()
     rows = []
     for task in tasks:
-        rows += run_task(task, args.solvers, seeds, size, size["last"], args.data, not args.no_progress)
+        rows += run_task(task, rates[task], args.solvers, seeds, size, size["last"], args.data, not args.no_progress)
     table = aggregate(rows)
-    config = {"tasks": tasks, "solvers": args.solvers, "seeds": seeds, "sizes": {t: size[t] for t in tasks},
+    config = {"tasks": tasks, "learning_rates": {t: rates[t] for t in tasks}, "solvers": args.solvers, "seeds": seeds, "sizes": {t: size[t] for t in tasks},
               "std_over_last_epochs": size["last"], "optimizer": "sgd", "data": args.data,
               "wall_s": time.perf_counter() - t0}
     payload = {"config": config, "table": table, "runs": rows}
