@@ -177,6 +177,21 @@ def test_mass_matrix_inverse_and_closed_form_shapes():
     assert torch.linalg.eigvalsh(M).min() > 0
     with pytest.raises(ValueError, match="name"):
         dynamics.make_friction_solver("cvxpy")
+    with pytest.raises(ValueError, match="pole_length"):
+        dynamics.CartPole(pole_length=0.0)
+    with pytest.raises(ValueError, match="cart_friction"):
+        dynamics.CartPole(cart_friction=-1.0)
+    with pytest.raises(ValueError, match="forces"):
+        dynamics.rollout(model, torch.zeros(20, dtype=torch.float64), dynamics.make_friction_solver("alqp"))
+
+
+def test_bench_call_times_every_solver(tmp_path):
+    import bench_call
+
+    summary = bench_call.main(["--repeats", "2", "--out", str(tmp_path / "b.json")])
+    assert list(summary) == SOLVERS
+    assert all(t > 0 for s in summary.values() for t in s.values())
+    assert (tmp_path / "b.json").stat().st_size > 0
 
 
 def test_smoke_run_writes_json_and_plot(tmp_path):

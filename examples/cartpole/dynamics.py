@@ -55,6 +55,14 @@ class CartPole:
     pole_friction: float = 0.1      # N m, Coulomb friction torque bound on the pole's joint
     dt: float = 0.1                 # s, one control step = one simulation step
 
+    def __post_init__(self):
+        for name in ("cart_mass", "pole_mass", "pole_length", "dt"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("cart_friction", "pole_friction"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
     def as_dict(self) -> dict:
         """The parameters as a plain dict (for JSON)."""
         return asdict(self)
@@ -117,6 +125,8 @@ def rollout(model: CartPole, forces: Tensor, friction: FrictionSolver, initial: 
     Returns:
         (S, N + 1, 4) the states, the initial one first.
     """
+    if forces.dim() != 2:
+        raise ValueError(f"forces must have shape (S, N), got {tuple(forces.shape)}")
     S = forces.shape[0]
     state = torch.zeros(S, 4, dtype=forces.dtype, device=forces.device) if initial is None else \
         initial.to(forces).expand(S, 4)
