@@ -1,5 +1,6 @@
 """The cart-pole example (examples/cartpole): the friction QP of equation 33 against independent
 oracles (values and gradients), the dynamics' gradient against finite differences, and a smoke run."""
+import importlib.util
 import itertools
 import json
 import math
@@ -10,11 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cartpole"))
+_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cartpole")
+sys.path.insert(0, _EXAMPLE)
 import dynamics
-import train
 
-SOLVERS = [name for name in dynamics.SOLVERS if train.available(name) is None]
+
+def _load(name: str):
+    """The example's script ``name``.py as module ``cartpole_<name>``: other examples have a
+    ``train`` module too, and a bare ``import train`` would hand one test suite the other's."""
+    spec = importlib.util.spec_from_file_location(f"cartpole_{name}", os.path.join(_EXAMPLE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load("train")
+SOLVERS = [name for name in dynamics.SOLVERS if dynamics.available(name) is None]
 # qpth's interior point stops at its own accuracy, ProxSuite's backward solves with eps 1e-4:
 # their wrappers are checked at what they can deliver, alqp at its own tolerance.
 TOL = {"alqp": 1e-7, "qpth": 1e-4, "proxsuite": 1e-4}
@@ -186,9 +198,7 @@ def test_mass_matrix_inverse_and_closed_form_shapes():
 
 
 def test_bench_call_times_every_solver(tmp_path):
-    import bench_call
-
-    summary = bench_call.main(["--repeats", "2", "--out", str(tmp_path / "b.json")])
+    summary = _load("bench_call").main(["--repeats", "2", "--out", str(tmp_path / "b.json")])
     assert list(summary) == SOLVERS
     assert all(t > 0 for s in summary.values() for t in s.values())
     assert (tmp_path / "b.json").stat().st_size > 0

@@ -19,8 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dynamics import SOLVERS, CartPole, make_friction_solver, mass_matrix
-from train import available
+from dynamics import SOLVERS, CartPole, available, make_friction_solver, mass_matrix
 
 
 def random_friction_qps(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

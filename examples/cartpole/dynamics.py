@@ -212,6 +212,16 @@ def _proxsuite_friction() -> FrictionSolver:
     return solve
 
 
+def available(name: str) -> str | None:
+    """None when solver ``name`` (one of :data:`SOLVERS`) can run here, else the reason it cannot."""
+    module = {"alqp": "alqp", "qpth": "qpth", "proxsuite": "proxsuite.torch.qplayer"}[name]
+    try:
+        __import__(module)
+    except ImportError as err:
+        return f"{module} is not installed ({err})"
+    return None
+
+
 def make_friction_solver(name: str, settings=None) -> FrictionSolver:
     """The friction QP of equation 33 solved by one of :data:`SOLVERS`, differentiably.
 

@@ -42,6 +42,7 @@ from dynamics import (
     SOLVERS,
     CartPole,
     SwingUpCost,
+    available,
     make_friction_solver,
     rollout,
     upright_error_deg,
@@ -52,16 +53,6 @@ LABELS = {"alqp": "alqp", "qpth": "qpth (OptNet)", "proxsuite": "ProxSuite QPLay
 PAPER = {"QPLayer (paper)": (55.20, 6.93, 39.27, 2.17, 0.02556),
          "OptNet (paper)": (615.84, 16.15, 61.26, 2.84, 0.02604),
          "CvxpyLayer (paper)": (629.70, 30.42, 101.88, 1.11, 0.02566)}
-
-
-def available(name: str) -> str | None:
-    """None when solver ``name`` can run here, else the reason it cannot."""
-    module = {"alqp": "alqp", "qpth": "qpth", "proxsuite": "proxsuite.torch.qplayer"}[name]
-    try:
-        __import__(module)
-    except ImportError as err:
-        return f"{module} is not installed ({err})"
-    return None
 
 
 class TimedFriction:
