@@ -13,6 +13,7 @@
 Every source yields :class:`Digits`: images flattened to (N, pixels) float64 in [0, 1] and labels
 (N,) int64.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,8 +28,12 @@ from torch import Tensor
 #: IDX type codes -> numpy big-endian dtypes.
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-               "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 
 
 class Digits(NamedTuple):
@@ -48,10 +53,10 @@ def read_idx(path: str) -> np.ndarray:
     code, ndim = raw[2], raw[3]
     if code not in IDX_TYPES:
         raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(IDX_TYPES[code])
     count = int(np.prod(shape)) if shape else 1
-    body = raw[4 + 4 * ndim:]
+    body = raw[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
         raise ValueError(f"{path}: expected {count * dtype.itemsize} bytes of data for shape {shape}, got {len(body)}")
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
@@ -72,8 +77,9 @@ def load_idx_folder(folder: str) -> tuple:
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"--data {folder}: {split} images ({images.shape[0]}) and labels "
-                             f"({labels.shape[0]}) differ in number")
+            raise ValueError(
+                f"--data {folder}: {split} images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in number"
+            )
         x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float64) / 255.0)
         out.append(Digits(x, torch.from_numpy(labels.astype(np.int64))))
     return tuple(out)
@@ -84,8 +90,10 @@ def load_sklearn_digits(seed: int, n_test: int = 300) -> tuple:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ImportError("--data digits needs scikit-learn (pip install scikit-learn); or give --data DIR "
-                          "with MNIST's IDX files, or --data synthetic") from None
+        raise ImportError(
+            "--data digits needs scikit-learn (pip install scikit-learn); or give --data DIR "
+            "with MNIST's IDX files, or --data synthetic"
+        ) from None
     bunch = load_digits()
     return _split(bunch.data / 16.0, bunch.target, seed, n_test)
 
@@ -96,14 +104,17 @@ def make_synthetic(seed: int, count: int = 1797, n_test: int = 300, side: int = 
     prototypes = (rng.random((10, side + 2, side + 2)) < 0.35).astype(np.float64)
     labels = rng.integers(0, 10, count)
     dx, dy = rng.integers(0, 3, count), rng.integers(0, 3, count)  # offsets 0..2 in a (side+2)^2 prototype
-    images = np.stack([prototypes[c, a:a + side, b:b + side] for c, a, b in zip(labels, dx, dy)])
+    images = np.stack([prototypes[c, a : a + side, b : b + side] for c, a, b in zip(labels, dx, dy)])
     images = np.clip(images + rng.normal(0.0, noise, images.shape), 0.0, 1.0)
     return _split(images.reshape(count, -1), labels, seed, n_test)
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, n_test: int) -> tuple:
     order = np.random.default_rng(seed).permutation(x.shape[0])
-    x, y = torch.from_numpy(np.asarray(x, dtype=np.float64)[order]), torch.from_numpy(np.asarray(y, dtype=np.int64)[order])
+    x, y = (
+        torch.from_numpy(np.asarray(x, dtype=np.float64)[order]),
+        torch.from_numpy(np.asarray(y, dtype=np.int64)[order]),
+    )
     return Digits(x[n_test:], y[n_test:]), Digits(x[:n_test], y[:n_test])
 
 

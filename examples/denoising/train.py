@@ -9,6 +9,7 @@ batches (batch 150, Adam, lr 1e-5, loss MSE + 0.1 ||D||_1 as in OptNet's learn-D
 ``<out>/denoising.json`` (configuration, per-epoch test MSE, ms per batch) and
 ``<out>/denoising.png`` (test MSE per epoch; a noisy, a denoised and a true test signal).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,25 @@ def mse(out: models.DenoisingOutput, clean: torch.Tensor) -> torch.Tensor:
 def make_data(length: int, n_train: int, n_test: int, seed: int) -> tuple:
     """(train, test) :class:`models.Signals` from one seeded generator (test drawn after train)."""
     both = models.make_signals(n_train + n_test, length, seed)
-    return (models.Signals(both.noisy[:n_train], both.clean[:n_train]),
-            models.Signals(both.noisy[n_train:], both.clean[n_train:]))
+    return (
+        models.Signals(both.noisy[:n_train], both.clean[:n_train]),
+        models.Signals(both.noisy[n_train:], both.clean[n_train:]),
+    )
 
 
-def run_solver(solver: str, train: models.Signals, test: models.Signals, *, optimizer: str = "adam",
-               lr: float = 1e-5, epochs: int = 5, batch: int = 150, d_penalty: float = 0.1, seed: int = 0,
-               progress: bool = True) -> tuple:
+def run_solver(
+    solver: str,
+    train: models.Signals,
+    test: models.Signals,
+    *,
+    optimizer: str = "adam",
+    lr: float = 1e-5,
+    epochs: int = 5,
+    batch: int = 150,
+    d_penalty: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple:
     """Train a fresh :class:`models.DenoisingQP` (D drawn from ``seed``) with ``solver``.
 
     Returns ``(model, run)`` with ``run`` as :func:`common.train_loop` returns it.
@@ -50,23 +63,40 @@ def run_solver(solver: str, train: models.Signals, test: models.Signals, *, opti
     model = models.DenoisingQP(train.noisy.shape[1], solver, seed=seed)
     opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
     opt = opt_cls(model.parameters(), lr=lr)
-    run = common.train_loop(model, opt, mse, tuple(train), tuple(test), batch=batch, epochs=epochs, seed=seed,
-                            penalty_fn=(lambda: d_penalty * model.D.abs().sum()) if d_penalty else None,
-                            test_batch=max(batch, 100), desc=f"denoising {solver}", progress=progress)
+    run = common.train_loop(
+        model,
+        opt,
+        mse,
+        tuple(train),
+        tuple(test),
+        batch=batch,
+        epochs=epochs,
+        seed=seed,
+        penalty_fn=(lambda: d_penalty * model.D.abs().sum()) if d_penalty else None,
+        test_batch=max(batch, 100),
+        desc=f"denoising {solver}",
+        progress=progress,
+    )
     return model, run
 
 
 def plot(results: dict, example: dict, path: str) -> None:
     """Test MSE per epoch for every solver, and one test signal: noisy, denoised (each solver), true."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for solver, res in results.items():
         hist = res["history"]
-        ax1.plot([h["epoch"] for h in hist], [h["test_loss"] for h in hist], marker="o",
-                 ls="--" if solver == "qpth" else "-", label=solver)
+        ax1.plot(
+            [h["epoch"] for h in hist],
+            [h["test_loss"] for h in hist],
+            marker="o",
+            ls="--" if solver == "qpth" else "-",
+            label=solver,
+        )
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("test MSE (signal units$^2$)")
     ax1.set_title("denoising: test MSE")
@@ -117,36 +147,75 @@ def main(argv: list | None = None) -> dict:
     torch.set_num_threads(args.threads)
     train, test = make_data(args.length, args.train, args.test, args.seed)
     config = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
-    print(f"denoising: {args.train}/{args.test} signals of length {args.length}, batch {args.batch}, "
-          f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g}, solvers {args.solvers}")
-    results, summary, example = {}, {}, {"noisy": test.noisy[0].tolist(), "clean": test.clean[0].tolist(),
-                                          "denoised": {}}
+    print(
+        f"denoising: {args.train}/{args.test} signals of length {args.length}, batch {args.batch}, "
+        f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g}, solvers {args.solvers}"
+    )
+    results, summary, example = (
+        {},
+        {},
+        {"noisy": test.noisy[0].tolist(), "clean": test.clean[0].tolist(), "denoised": {}},
+    )
     t0 = time.perf_counter()
     for solver in args.solvers:
-        model, run = run_solver(solver, train, test, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
-                                batch=args.batch, d_penalty=args.d_penalty, seed=args.seed,
-                                progress=not args.no_progress)
+        model, run = run_solver(
+            solver,
+            train,
+            test,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            epochs=args.epochs,
+            batch=args.batch,
+            d_penalty=args.d_penalty,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         results[solver] = run
         summary[solver] = common.summarize_run(run)
         with torch.no_grad():
             example["denoised"][solver] = model(test.noisy[:1]).y[0].tolist()
     config["wall_s"] = time.perf_counter() - t0
-    payload = {"config": config, "summary": summary, "results": results, "example": example,
-               "noisy_test_mse": float((test.noisy - test.clean).square().mean())}
+    payload = {
+        "config": config,
+        "summary": summary,
+        "results": results,
+        "example": example,
+        "noisy_test_mse": float((test.noisy - test.clean).square().mean()),
+    }
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, "denoising.json"), payload)
     plot(results, example, os.path.join(args.out, "denoising.png"))
-    print(common.timing_table(
-        [dict(solver=s, **v) for s, v in summary.items()],
-        [("solver", lambda r: r["solver"]),
-         ("final test MSE", lambda r: f"{r['final_test_loss']:.2f}" if r["final_test_loss"] is not None else "nan"),
-         ("forward ms (median, mean ± std)", lambda r: f"{r['forward_ms']['median']:.1f}, "
-                                                       f"{r['forward_ms']['mean']:.1f} ± {r['forward_ms']['std']:.1f}"),
-         ("backward ms (median, mean ± std)", lambda r: f"{r['backward_ms']['median']:.1f}, "
-                                                        f"{r['backward_ms']['mean']:.1f} ± {r['backward_ms']['std']:.1f}"),
-         ("unsolved QPs", lambda r: str(r["unsolved"])), ("failed", lambda r: str(r["failure"] or "no"))]))
-    print(f"noisy-input test MSE {payload['noisy_test_mse']:.2f}; wrote {args.out}/denoising.json and denoising.png "
-          f"({config['wall_s']:.0f} s)")
+    print(
+        common.timing_table(
+            [dict(solver=s, **v) for s, v in summary.items()],
+            [
+                ("solver", lambda r: r["solver"]),
+                (
+                    "final test MSE",
+                    lambda r: f"{r['final_test_loss']:.2f}" if r["final_test_loss"] is not None else "nan",
+                ),
+                (
+                    "forward ms (median, mean ± std)",
+                    lambda r: (
+                        f"{r['forward_ms']['median']:.1f}, {r['forward_ms']['mean']:.1f} ± {r['forward_ms']['std']:.1f}"
+                    ),
+                ),
+                (
+                    "backward ms (median, mean ± std)",
+                    lambda r: (
+                        f"{r['backward_ms']['median']:.1f}, "
+                        f"{r['backward_ms']['mean']:.1f} ± {r['backward_ms']['std']:.1f}"
+                    ),
+                ),
+                ("unsolved QPs", lambda r: str(r["unsolved"])),
+                ("failed", lambda r: str(r["failure"] or "no")),
+            ],
+        )
+    )
+    print(
+        f"noisy-input test MSE {payload['noisy_test_mse']:.2f}; wrote {args.out}/denoising.json and denoising.png "
+        f"({config['wall_s']:.0f} s)"
+    )
     return payload
 
 

@@ -16,6 +16,7 @@ loss (with a 95% confidence interval over the runs that did not fail) and the me
 standard deviation of the test loss over the last epochs. Writes ``<out>/robustness.json`` and
 ``<out>/robustness.png`` (grouped bars in the style of the paper's Figure 10).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,18 @@ LEARNING_RATES = {"denoising": [1e-4, 1e-5, 1e-6, 1e-7], "classification": [1e-2
 #: Sizes. Denoising full: OptNet's data (length 100, 9000/1000); classification full: the data given
 #: by --data for 30 epochs. The paper: 30 epochs, std over the last 10, 10 seeds.
 SIZES = {
-    "reduced": {"seeds": 2, "last": 3,
-                "denoising": {"length": 20, "train": 600, "test": 150, "epochs": 4},
-                "classification": {"train_limit": None, "epochs": 10}},
-    "full": {"seeds": 10, "last": 10,
-             "denoising": {"length": 100, "train": 9000, "test": 1000, "epochs": 30},
-             "classification": {"train_limit": None, "epochs": 30}},
+    "reduced": {
+        "seeds": 2,
+        "last": 3,
+        "denoising": {"length": 20, "train": 600, "test": 150, "epochs": 4},
+        "classification": {"train_limit": None, "epochs": 10},
+    },
+    "full": {
+        "seeds": 10,
+        "last": 10,
+        "denoising": {"length": 100, "train": 9000, "test": 1000, "epochs": 30},
+        "classification": {"train_limit": None, "epochs": 30},
+    },
 }
 
 
@@ -63,8 +70,9 @@ def load_task(name: str):
     return module
 
 
-def run_task(task: str, lrs: list, solvers: list, seeds: int, size: dict, last: int, data_source: str,
-             progress: bool) -> list:
+def run_task(
+    task: str, lrs: list, solvers: list, seeds: int, size: dict, last: int, data_source: str, progress: bool
+) -> list:
     """Every (learning rate in ``lrs``, solver, seed) run of ``task``; returns one summary dict per run."""
     from tqdm import tqdm
 
@@ -75,7 +83,7 @@ def run_task(task: str, lrs: list, solvers: list, seeds: int, size: dict, last: 
     else:
         train, test = module.data.load(data_source, seed=0)
         if cfg["train_limit"]:
-            train = module.data.Digits(train.x[:cfg["train_limit"]], train.y[:cfg["train_limit"]])
+            train = module.data.Digits(train.x[: cfg["train_limit"]], train.y[: cfg["train_limit"]])
     jobs = [(lr, solver, seed) for lr in lrs for solver in solvers for seed in range(seeds)]
     rows = []
     for lr, solver, seed in tqdm(jobs, desc=f"robustness {task}", disable=not progress, dynamic_ncols=True):
@@ -84,10 +92,11 @@ def run_task(task: str, lrs: list, solvers: list, seeds: int, size: dict, last: 
             kwargs["d_penalty"] = 0.0  # the data loss only: the study is about the QP layer
         _, run = module.run_solver(solver, train, test, **kwargs)
         summary = common.summarize_run(run, last=last)
-        rows.append({"task": task, "lr": lr, "solver": solver, "seed": seed, **summary,
-                     "history": run["history"]})
-        tqdm.write(f"[{task}] lr {lr:g} {solver} seed {seed}: final test loss {summary['final_test_loss']:.4g}"
-                   f"  unsolved {summary['unsolved']}  {'FAILED: ' + summary['failure'] if summary['failure'] else ''}")
+        rows.append({"task": task, "lr": lr, "solver": solver, "seed": seed, **summary, "history": run["history"]})
+        tqdm.write(
+            f"[{task}] lr {lr:g} {solver} seed {seed}: final test loss {summary['final_test_loss']:.4g}"
+            f"  unsolved {summary['unsolved']}  {'FAILED: ' + summary['failure'] if summary['failure'] else ''}"
+        )
     return rows
 
 
@@ -105,19 +114,31 @@ def aggregate(rows: list) -> list:
         def ci(s):
             return 1.96 * s["std"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan
 
-        out.append({"task": task, "lr": lr, "solver": solver, "runs": len(group), "failed_runs": len(failed),
-                    "nan_or_raised": sum(r["failed"] for r in group),
-                    "unsolved_qps": sum(r["unsolved"] for r in group),
-                    "final_loss_mean": loss["mean"], "final_loss_ci95": ci(loss),
-                    "std_last_mean": std["mean"], "std_last_ci95": ci(std),
-                    "final_error_mean": common.stats(r["final_test_error"] for r in ok
-                                                     if r["final_test_error"] is not None)["mean"]})
+        out.append(
+            {
+                "task": task,
+                "lr": lr,
+                "solver": solver,
+                "runs": len(group),
+                "failed_runs": len(failed),
+                "nan_or_raised": sum(r["failed"] for r in group),
+                "unsolved_qps": sum(r["unsolved"] for r in group),
+                "final_loss_mean": loss["mean"],
+                "final_loss_ci95": ci(loss),
+                "std_last_mean": std["mean"],
+                "std_last_ci95": ci(std),
+                "final_error_mean": common.stats(
+                    r["final_test_error"] for r in ok if r["final_test_error"] is not None
+                )["mean"],
+            }
+        )
     return out
 
 
 def plot(table: list, path: str) -> None:
     """Figure-10-style grouped bars per task: failed runs, mean final loss and mean std, qpth vs alqp."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -125,11 +146,14 @@ def plot(table: list, path: str) -> None:
     tasks = [t for t in LEARNING_RATES if any(r["task"] == t for r in table)]
     rates = {t: sorted({r["lr"] for r in table if r["task"] == t}, reverse=True) for t in tasks}
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
-    series = [("failed_runs", None, "qpth", "qpth (OptNet) failed runs"), ("failed_runs", None, "alqp", "alqp failed runs"),
-              ("final_loss_mean", "final_loss_ci95", "qpth", "qpth final loss mean"),
-              ("final_loss_mean", "final_loss_ci95", "alqp", "alqp final loss mean"),
-              ("std_last_mean", "std_last_ci95", "qpth", "qpth std (last epochs) mean"),
-              ("std_last_mean", "std_last_ci95", "alqp", "alqp std (last epochs) mean")]
+    series = [
+        ("failed_runs", None, "qpth", "qpth (OptNet) failed runs"),
+        ("failed_runs", None, "alqp", "alqp failed runs"),
+        ("final_loss_mean", "final_loss_ci95", "qpth", "qpth final loss mean"),
+        ("final_loss_mean", "final_loss_ci95", "alqp", "alqp final loss mean"),
+        ("std_last_mean", "std_last_ci95", "qpth", "qpth std (last epochs) mean"),
+        ("std_last_mean", "std_last_ci95", "alqp", "alqp std (last epochs) mean"),
+    ]
     colors = ["tab:red", "tab:blue", "lightcoral", "lightsteelblue", "darkred", "navy"]
     for ax, task in zip(axes[0], tasks):
         lrs = rates[task]
@@ -144,10 +168,25 @@ def plot(table: list, path: str) -> None:
             lower = [min(e, v) if np.isfinite(v) else 0.0 for e, v in zip(errs, vals)]  # the axis starts at 0
             ax.bar(x, vals, width, yerr=[lower, errs], color=color, label=label, capsize=2)
         for j, lr in enumerate(lrs):  # failed-run counts, readable where the bars have height 0
-            counts = [next((f"{r['failed_runs']}/{r['runs']}" for r in table
-                            if r["task"] == task and r["lr"] == lr and r["solver"] == s), "-") for s in ("qpth", "alqp")]
-            ax.annotate(f"failed: qpth {counts[0]}, alqp {counts[1]}", (j, 0), xytext=(0, -28),
-                        textcoords="offset points", ha="center", fontsize=7)
+            counts = [
+                next(
+                    (
+                        f"{r['failed_runs']}/{r['runs']}"
+                        for r in table
+                        if r["task"] == task and r["lr"] == lr and r["solver"] == s
+                    ),
+                    "-",
+                )
+                for s in ("qpth", "alqp")
+            ]
+            ax.annotate(
+                f"failed: qpth {counts[0]}, alqp {counts[1]}",
+                (j, 0),
+                xytext=(0, -28),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
         ax.set_xticks(np.arange(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel("SGD learning rate", labelpad=14)
         ax.set_yscale("symlog", linthresh=1e-3)
@@ -207,9 +246,17 @@ def main(argv: list | None = None) -> dict:
     for task in tasks:
         rows += run_task(task, rates[task], args.solvers, seeds, size, size["last"], args.data, not args.no_progress)
     table = aggregate(rows)
-    config = {"tasks": tasks, "learning_rates": {t: rates[t] for t in tasks}, "solvers": args.solvers, "seeds": seeds, "sizes": {t: size[t] for t in tasks},
-              "std_over_last_epochs": size["last"], "optimizer": "sgd", "data": args.data,
-              "wall_s": time.perf_counter() - t0}
+    config = {
+        "tasks": tasks,
+        "learning_rates": {t: rates[t] for t in tasks},
+        "solvers": args.solvers,
+        "seeds": seeds,
+        "sizes": {t: size[t] for t in tasks},
+        "std_over_last_epochs": size["last"],
+        "optimizer": "sgd",
+        "data": args.data,
+        "wall_s": time.perf_counter() - t0,
+    }
     payload = {"config": config, "table": table, "runs": rows}
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, "robustness.json"), payload)
@@ -218,13 +265,24 @@ def main(argv: list | None = None) -> dict:
     def fmt(v, spec):
         return "nan" if v is None or not math.isfinite(v) else format(v, spec)
 
-    print(common.timing_table(table, [
-        ("task", lambda r: r["task"]), ("lr", lambda r: f"{r['lr']:g}"), ("solver", lambda r: r["solver"]),
-        ("failed runs", lambda r: f"{r['failed_runs']}/{r['runs']}"),
-        ("NaN or raised", lambda r: str(r["nan_or_raised"])), ("unsolved QPs", lambda r: str(r["unsolved_qps"])),
-        ("final test loss (mean ± 95% CI)", lambda r: f"{fmt(r['final_loss_mean'], '.4g')} ± "
-                                                      f"{fmt(r['final_loss_ci95'], '.2g')}"),
-        ("std last epochs (mean)", lambda r: fmt(r["std_last_mean"], ".3g"))]))
+    print(
+        common.timing_table(
+            table,
+            [
+                ("task", lambda r: r["task"]),
+                ("lr", lambda r: f"{r['lr']:g}"),
+                ("solver", lambda r: r["solver"]),
+                ("failed runs", lambda r: f"{r['failed_runs']}/{r['runs']}"),
+                ("NaN or raised", lambda r: str(r["nan_or_raised"])),
+                ("unsolved QPs", lambda r: str(r["unsolved_qps"])),
+                (
+                    "final test loss (mean ± 95% CI)",
+                    lambda r: f"{fmt(r['final_loss_mean'], '.4g')} ± {fmt(r['final_loss_ci95'], '.2g')}",
+                ),
+                ("std last epochs (mean)", lambda r: fmt(r["std_last_mean"], ".3g")),
+            ],
+        )
+    )
     print(f"wrote {args.out}/robustness.json and robustness.png ({config['wall_s']:.0f} s)")
     return payload
 
