@@ -47,10 +47,16 @@ from torch._C import _functions as _autograd_functions
 from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, QPProblem, canonicalize
 from alqp.settings import Settings
+from alqp.small import backward_small  # alqp.small: fast path
 from alqp.solver import QPSolution, solve_problem_factored, unbatch
 
 
 def _ift_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None):
+    # --- alqp.small: one-step KKT backward for small all-SOLVED CPU batches (None: not taken) ---
+    fast = backward_small(problem, solution, gx, gy, gz, gse, gsi, settings)
+    if fast is not None:
+        return fast
+    # --- end alqp.small ---
     return implicit_backward(problem, solution, gx, gy, gz, gse, gsi, settings=settings, factor=factor)
 
 
