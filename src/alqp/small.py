@@ -87,12 +87,14 @@ def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndar
         H (B,n,n), g (B,n), G (B,k,n) = [A; C], lo, hi (B,k) = [b; l], [b; u] (may be infinite),
         p: the number of equality rows, x (B,n), w (B,k) = [y; z].
     """
-    Hx = np.einsum("bij,bj->bi", H, x)
-    Gx = np.einsum("bij,bj->bi", G, x)
-    Gtw = np.einsum("bij,bi->bj", G, w)
+    # (matmul on (B,1,k) rows: a fraction of einsum's per-call cost on these small arrays)
+    xr, wr = x[:, None, :], w[:, None, :]
+    Hx = (H @ x[..., None])[..., 0]
+    Gx = (G @ x[..., None])[..., 0]
+    Gtw = (wr @ G)[:, 0]
     absG = np.abs(G)
-    Gx_size = np.einsum("bij,bj->bi", absG, np.abs(x))
-    Gtw_size = np.einsum("bij,bi->bj", absG, np.abs(w))
+    Gx_size = (absG @ np.abs(x)[..., None])[..., 0]
+    Gtw_size = (np.abs(wr) @ absG)[:, 0]
 
     def inf_norm(v):
         return np.abs(v).max(axis=-1, initial=0.0)
@@ -128,7 +130,7 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
     """
     if not eligible(problem):
         return None
-    from alqp.active_set import _INNER_TOL_FACTOR, _INNER_TOL_MAX, _INNER_TOL_MIN, _direct_scaling, _import_daqp
+    from alqp.active_set import _INNER_TOL_FACTOR, _INNER_TOL_MAX, _INNER_TOL_MIN, _import_daqp
 
     solve = _import_daqp().solve
     dtype = problem.H.dtype
@@ -143,21 +145,31 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
     tol = resolve_tolerance(settings, dtype)
     finest = min(t for t in tol if t > 0)
     inner_tol = min(max(_INNER_TOL_FACTOR * finest, _INNER_TOL_MIN), _INNER_TOL_MAX)
+    # The general path's direct form (alqp.active_set._direct_scaling), for the whole batch at
+    # once: the cost divided by max(|H|, |g|), each row by its largest entry, so that DAQP's
+    # absolute tolerances act on quantities of size one; the multipliers are lam * cost / rows.
+    cost = np.maximum(np.abs(H).max(axis=(1, 2)), np.abs(g).max(axis=1))
+    cost = np.where(cost > 0, cost, 1.0)
+    rows = np.abs(G).max(axis=2)
+    rows = np.where(rows > 0, rows, 1.0)
+    Hs, gs = H / cost[:, None, None], g / cost[:, None]
+    Gs, los, his = G / rows[:, :, None], lo / rows, hi / rows
+    # An LP goes to DAQP without a Hessian (exact multipliers from its LP mode), as in the
+    # general path's direct form.
+    lp = (~H.reshape(B, -1).any(axis=1)).tolist()
     x = np.empty((B, n))
-    w = np.empty((B, p + m))
+    lam = np.empty((B, p + m))
     iters = np.empty(B, dtype=np.int64)
     for i in range(B):
-        H_i = H[i]
-        # An LP goes to DAQP without a Hessian (exact multipliers from its LP mode), as in the
-        # general path's direct form.
-        Hs, gs, Gs, los, his, cost, rows = _direct_scaling(H_i if H_i.any() else None, g[i], G[i], lo[i], hi[i])
-        x_i, _, flag, info = solve(Hs, gs, Gs, his, los, sense, primal_tol=inner_tol, eta_prox=inner_tol)
+        x_i, _, flag, info = solve(None if lp[i] else Hs[i], gs[i], Gs[i], his[i], los[i], sense,
+                                   primal_tol=inner_tol, eta_prox=inner_tol)
         if flag != _DAQP_OPTIMAL:
             counters["forward_fallback"] += 1
             return None
         x[i] = x_i
-        w[i] = np.asarray(info["lam"]) * cost / rows
+        lam[i] = info["lam"]
         iters[i] = info["iterations"]
+    w = lam * cost[:, None] / rows
     x, w = _round(x, dtype), _round(w, dtype)
     if not (np.isfinite(w).all() and host_residuals_meet(H, g, G, lo, hi, p, x, w, tol).all()):
         counters["forward_fallback"] += 1
@@ -181,12 +193,12 @@ def _classify_host(C, l, u, H, g, A, x, y, z, tol):
     fin_l, fin_u = l > -np.inf, u < np.inf
     absC = np.abs(C)
     bound = np.maximum(np.where(fin_l, np.abs(l), 0.0), np.where(fin_u, np.abs(u), 0.0))
-    ptol = tol * (1.0 + np.einsum("bij,bj->bi", absC, np.abs(x)) + bound)
-    r = np.einsum("bij,bj->bi", C, x)
-    with np.errstate(invalid="ignore"):
-        on_u = np.abs(r - u) <= ptol
-        on_l = np.abs(r - l) <= ptol
-    dual_terms = [np.einsum("bij,bi->bj", H, x), g, np.einsum("bij,bi->bj", A, y), np.einsum("bij,bi->bj", C, z)]
+    ptol = tol * (1.0 + (absC @ np.abs(x)[..., None])[..., 0] + bound)
+    r = (C @ x[..., None])[..., 0]
+    # (At an infinite bound |r - bound| is inf: never within the tolerance.)
+    on_u = np.abs(r - u) <= ptol
+    on_l = np.abs(r - l) <= ptol
+    dual_terms = [(x[:, None] @ H)[:, 0], g, (y[:, None] @ A)[:, 0], (z[:, None] @ C)[:, 0]]
     dual_scale = 1.0 + np.abs(np.concatenate(dual_terms, -1)).max(-1)
     row_norm = absC.max(-1) if C.shape[-1] else np.zeros_like(l)
     z_tol = tol * dual_scale[:, None] / np.maximum(row_norm, np.finfo(np.float64).tiny)
@@ -239,19 +251,24 @@ def backward_small(problem: QPProblem, solution: QPSolution, grad_x, grad_y, gra
     idx = np.arange(n + p, N)
     K[:, idx, idx] = 1.0 - active
     rhs = np.concatenate([gx, gy, active * gz], -1)
-    # Symmetric equilibration (a Ruiz sweep or two), so the condition test is scale-free.
+    # Symmetric equilibration (two Ruiz sweeps), so that the condition test is scale-free.
     d = np.ones((B, N))
-    for _ in range(3):
+    for _ in range(2):
         norms = np.abs(K * d[:, :, None] * d[:, None, :]).max(-1)
         d = d / np.sqrt(np.where(norms > 0, norms, 1.0))
     Ks = K * d[:, :, None] * d[:, None, :]
-    sv = np.linalg.svd(Ks, compute_uv=False)
-    if not (sv[:, -1] * MAX_CONDITION > sv[:, 0]).all():
+    # The inverse gives the exact 1-norm condition number at the cost of a solve.
+    try:
+        K_inv = np.linalg.inv(Ks)
+    except np.linalg.LinAlgError:  # exactly singular (in floating point)
+        K_inv = None
+    if K_inv is None or not (np.abs(Ks).sum(1).max(1) * np.abs(K_inv).sum(1).max(1) < MAX_CONDITION).all():
         counters["backward_fallback"] += 1
         return None
-    v = np.linalg.solve(Ks, (d * rhs)[..., None])[..., 0]
+    r = (d * rhs)[..., None]
+    v = K_inv @ r
     # One step of iterative refinement (the general path refines its solves to round-off too).
-    v = v + np.linalg.solve(Ks, (d * rhs - np.einsum("bij,bj->bi", Ks, v))[..., None])[..., 0]
+    v = (v + K_inv @ (r - Ks @ v))[..., 0]
     sol = d * v
     w1, w2, w3 = sol[:, :n], sol[:, n:n + p], sol[:, n + p:] * active
 
