@@ -162,3 +162,47 @@ def test_host_certification_equals_certify_residuals():
     xc = -np.ones((1, n))
     assert small.host_residuals_meet(Hc, gc, Gc, np.full((1, n), -np.inf), np.full((1, n), np.inf), 0, xc,
                                      np.zeros((1, n)), tol).all()
+
+
+def test_thread_pool_gives_the_serial_answers(monkeypatch):
+    """The active-set engine's per-problem DAQP loop on the pool (alqp.pool) gives bit-identical
+    answers to the serial loop."""
+    from alqp import pool
+
+    data = families.strictly_convex(40, 6, 2, 8, seed=5)
+    monkeypatch.setattr(small, "ENABLED", False)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(pool, "ENABLED", False)
+        serial = alqp.solve_qp(*(data[k] for k in NAMES))
+        monkeypatch.setattr(pool, "ENABLED", True)
+        monkeypatch.setattr(pool, "MIN_BATCH", 2)
+        monkeypatch.setattr(pool, "MIN_N", 1)
+        monkeypatch.setattr(pool, "_cores", lambda: 2)
+        assert pool.solve_threads(40, 6) == 2
+        threaded = alqp.solve_qp(*(data[k] for k in NAMES))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(serial, threaded):
+        assert torch.equal(a, b)
+
+
+def test_run_chunked_covers_every_index_once_and_raises_errors():
+    from alqp import pool
+
+    seen = np.zeros(103, dtype=np.int64)
+
+    def body(chunk):
+        for j in chunk:
+            seen[j] += 1
+
+    pool.run_chunked(body, 103, threads=3)
+    assert (seen == 1).all()
+
+    def broken(chunk):
+        if 50 in chunk:
+            raise ValueError("chunk failed")
+
+    with pytest.raises(ValueError, match="chunk failed"):
+        pool.run_chunked(broken, 103, threads=3)
