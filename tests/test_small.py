@@ -206,3 +206,25 @@ def test_run_chunked_covers_every_index_once_and_raises_errors():
 
     with pytest.raises(ValueError, match="chunk failed"):
         pool.run_chunked(broken, 103, threads=3)
+
+
+def test_thread_policy_restores_the_callers_torch_threads(monkeypatch):
+    from alqp import pool
+
+    seen = []
+    monkeypatch.setattr(pool, "_cores", lambda: 2)
+
+    @pool.one_torch_thread
+    def probe():
+        seen.append((torch.get_num_threads(), pool.solve_threads(10 * pool.MIN_BATCH, pool.MIN_N)))
+        raise RuntimeError("inside")
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="inside"):
+            probe()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [(1, 2)]

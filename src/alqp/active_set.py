@@ -33,7 +33,7 @@ from torch import Tensor
 from alqp.activity import closest_feasible_output
 from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
 from alqp.linalg import cholesky_solve_rows, vm
-from alqp.pool import run_chunked, solve_threads  # alqp.pool
+from alqp.pool import one_torch_thread, run_chunked, solve_threads  # alqp.pool
 from alqp.problem import QPProblem
 from alqp.settings import Settings
 from alqp.types import QPSolution, Status
@@ -117,6 +117,7 @@ def _rows(blocks: list, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1))
 
 
+@one_torch_thread  # alqp.pool: the thread policy
 def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"] = None
                      ) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
