@@ -19,8 +19,8 @@ def summarize(result: dict) -> str:
         base = recs.get("alqp")
         if base is None or base["status"] != "ok":
             continue
-        head = (f"B={B:<5} n={n:<4} p={p:<3} m={m:<4} eps={eps:<6g} {rows:<6}" + (f" threads={threads}" if threads else "")
-                + f"  alqp fwd {base['forward']['median']:.3g} ms")
+        head = (f"B={B:<5} n={n:<4} p={p:<3} m={m:<4} eps={eps:<6g} {rows:<6}"
+                + (f" threads={threads}" if threads else "") + f"  alqp fwd {base['forward']['median']:.3g} ms")
         if base["backward"]:
             head += f" bwd {base['backward']['median']:.3g} total {base['total']['median']:.3g} ms"
         ratios = [f"{name}/alqp {r['ratio_vs_alqp']:.2f}" for name, r in recs.items()

@@ -14,6 +14,7 @@ Writes the numbers as JSON (``--out``) and prints them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -104,7 +105,7 @@ def gil_check(repeats: int = 5) -> dict:
             ratios.append(one / two)
         sys.setswitchinterval(old)
         out[name] = {"speedup_2_threads": statistics.median(ratios), "runs": ratios,
-                     "counter_rate_while_main_calls": starved(lambda: job([0]))}
+                     "counter_rate_while_main_calls": starved(functools.partial(job, [0]))}
     return out
 
 

@@ -88,7 +88,7 @@ def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndar
         p: the number of equality rows, x (B,n), w (B,k) = [y; z].
     """
     # (matmul on (B,1,k) rows: a fraction of einsum's per-call cost on these small arrays)
-    xr, wr = x[:, None, :], w[:, None, :]
+    wr = w[:, None, :]
     Hx = (H @ x[..., None])[..., 0]
     Gx = (G @ x[..., None])[..., 0]
     Gtw = (wr @ G)[:, 0]
