@@ -85,7 +85,7 @@ def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndar
 
     Args:
         H (B,n,n), g (B,n), G (B,k,n) = [A; C], lo, hi (B,k) = [b; l], [b; u] (may be infinite),
-        p: the number of equality rows, x (B,n), w (B,k) = [y; z].
+        p: the number of equality rows, x (B,n), w (B,k) = [y; z], both finite.
     """
     # (matmul on (B,1,k) rows: a fraction of einsum's per-call cost on these small arrays)
     wr = w[:, None, :]
@@ -99,20 +99,20 @@ def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndar
     def inf_norm(v):
         return np.abs(v).max(axis=-1, initial=0.0)
 
-    with np.errstate(invalid="ignore"):
-        primal = inf_norm(Gx - np.clip(Gx, lo, hi))
-        primal_scale = np.maximum(inf_norm(Gx_size), inf_norm(lo[:, :p]))
-        bound = np.where(w > 0, hi, np.where(w < 0, lo, 0.0))
-        unbounded_side = (w != 0) & ~np.isfinite(bound)
-        dual = np.maximum(inf_norm(Hx + g + Gtw), inf_norm(np.where(unbounded_side, w, 0.0)))
-        dual_scale = np.maximum(np.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw_size))
-        bound_terms = np.where((w != 0) & ~unbounded_side, bound * w, 0.0)
-        xHx, gx = x * Hx, g * x
-        gap = np.abs(xHx.sum(-1) + gx.sum(-1) + bound_terms.sum(-1))
-        gap_scale = np.stack([np.abs(xHx).sum(-1), np.abs(gx).sum(-1), np.abs(bound_terms).sum(-1)]).max(0)
-        finite = np.isfinite(primal) & np.isfinite(dual) & np.isfinite(gap)
-        return (finite & (primal <= tol.abs + tol.rel * primal_scale) & (dual <= tol.abs + tol.rel * dual_scale)
-                & (gap <= tol.abs + tol.rel * gap_scale))
+    # (x and w are finite here, so no inf - inf arises: infinite bounds only meet finite values.)
+    primal = inf_norm(Gx - np.clip(Gx, lo, hi))
+    primal_scale = np.maximum(inf_norm(Gx_size), inf_norm(lo[:, :p]))
+    bound = np.where(w > 0, hi, np.where(w < 0, lo, 0.0))
+    unbounded_side = (w != 0) & ~np.isfinite(bound)
+    dual = np.maximum(inf_norm(Hx + g + Gtw), inf_norm(np.where(unbounded_side, w, 0.0)))
+    dual_scale = np.maximum(np.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw_size))
+    bound_terms = np.where((w != 0) & ~unbounded_side, bound * w, 0.0)
+    xHx, gx = x * Hx, g * x
+    gap = np.abs(xHx.sum(-1) + gx.sum(-1) + bound_terms.sum(-1))
+    gap_scale = np.stack([np.abs(xHx).sum(-1), np.abs(gx).sum(-1), np.abs(bound_terms).sum(-1)]).max(0)
+    finite = np.isfinite(primal) & np.isfinite(dual) & np.isfinite(gap)
+    return (finite & (primal <= tol.abs + tol.rel * primal_scale) & (dual <= tol.abs + tol.rel * dual_scale)
+            & (gap <= tol.abs + tol.rel * gap_scale))
 
 
 def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
@@ -171,7 +171,7 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
         iters[i] = info["iterations"]
     w = lam * cost[:, None] / rows
     x, w = _round(x, dtype), _round(w, dtype)
-    if not (np.isfinite(w).all() and host_residuals_meet(H, g, G, lo, hi, p, x, w, tol).all()):
+    if not (np.isfinite(x).all() and np.isfinite(w).all() and host_residuals_meet(H, g, G, lo, hi, p, x, w, tol).all()):
         counters["forward_fallback"] += 1
         return None
     counters["forward"] += 1
