@@ -6,7 +6,7 @@
    about 2x and a holding one not at all; on a loaded machine compare the ratios with the
    baselines'. Also a load-independent probe: while the main thread calls the function, how
    much a second Python thread gets done (a GIL holder starves it).
-2. alqp's forward at Table-2 size (n=100, 50 eq, 50 ineq), batch 256, with 1 and 2 torch threads,
+2. alqp's forward + backward at Table-2 size (n=100, 50 eq, 50 ineq), batch 256, with 1 and 2 torch threads,
    on an idle machine and with a busy-loop process pinned to one core.
 
 Writes the numbers as JSON (``--out``) and prints them.
@@ -118,23 +118,30 @@ def _busy(stop_after: float) -> None:
 
 
 def forward_threads(batch: int = 256, repeats: int = 5) -> dict:
-    """alqp's forward (active-set engine) at Table-2 size: median ms with 1 and 2 torch threads,
-    idle and with one core kept busy by another process."""
+    """alqp's forward and backward (active-set engine, IFT) at Table-2 size: median ms with 1 and 2
+    torch threads, idle and with one core kept busy by another process (a busy loop pinned to core 0)."""
     import alqp
     from benchmarks.problems import random_qp_batch
 
     qp = random_qp_batch(batch, 100, 50, 50, seed=0)
     settings = alqp.Settings(eps_abs=1e-6, eps_rel=0.0)
 
+    weight = torch.randn(batch, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def one_run():
+        params = [t.clone().requires_grad_(True) for t in qp.tensors()]
+        t0 = time.perf_counter()
+        x = alqp.solve_qp(*params, settings=settings).x
+        t1 = time.perf_counter()
+        (weight * x).sum().backward()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
     def median_ms(threads):
         torch.set_num_threads(threads)
-        alqp.solve_qp(*qp.tensors(), settings=settings)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            alqp.solve_qp(*qp.tensors(), settings=settings)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        one_run()
+        runs = [one_run() for _ in range(repeats)]
+        return {"forward": statistics.median(f for f, _ in runs), "backward": statistics.median(b for _, b in runs),
+                "total": statistics.median(f + b for f, b in runs)}
 
     out = {"idle": {k: median_ms(k) for k in (1, 2)}}
     busy = multiprocessing.Process(target=_busy, args=(600.0,), daemon=True)
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/threads_check.json")
     args = parser.parse_args(argv)
     result = {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "gil": gil_check(args.repeats),
-              "alqp_forward_ms": forward_threads(args.batch, args.repeats)}
+              "alqp_ms": forward_threads(args.batch, args.repeats)}
     print(json.dumps(result, indent=1))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -48,9 +48,11 @@ from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, QPProblem, canonicalize
 from alqp.settings import Settings
 from alqp.small import backward_small  # alqp.small: fast path
+from alqp.pool import one_torch_thread  # alqp.pool: thread policy
 from alqp.solver import QPSolution, solve_problem_factored, unbatch
 
 
+@one_torch_thread  # alqp.pool: the thread policy (no spinning OpenMP threads on a busy machine)
 def _ift_engine(problem, solution, gx, gy, gz, gse, gsi, settings, factor=None):
     # --- alqp.small: one-step KKT backward for small all-SOLVED CPU batches (None: not taken) ---
     fast = backward_small(problem, solution, gx, gy, gz, gse, gsi, settings)

@@ -8,8 +8,9 @@ scale of the problem) still holds the GIL, which bounds the gain at small n.
 
 Thread policy of the active-set engine (:func:`one_torch_thread`, :func:`solve_threads`):
 
-* its torch operations run on one intra-op thread (torch's thread count is set to 1 for the
-  duration of :func:`alqp.active_set.solve_active_set` and restored after). They are many small
+* its torch operations, and those of the implicit backward, run on one intra-op thread (torch's
+  thread count is set to 1 for the duration of :func:`alqp.active_set.solve_active_set` and of
+  the layer's IFT backward engine, and restored after). They are many small
   operations; torch's OpenMP threads spin while they wait, and when another process keeps a core
   busy, 2 torch threads made this forward 3.7 to 28 times slower than 1 thread on the 2-core
   development machine (batch 256, Table-2 size), where the pool's threads lost nothing;
