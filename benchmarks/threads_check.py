@@ -143,12 +143,24 @@ def forward_threads(batch: int = 256, repeats: int = 5) -> dict:
         return {"forward": statistics.median(f for f, _ in runs), "backward": statistics.median(b for _, b in runs),
                 "total": statistics.median(f + b for f, b in runs)}
 
-    out = {"idle": {k: median_ms(k) for k in (1, 2)}}
+    from alqp import pool
+
+    def settings_sweep():
+        times = {str(k): median_ms(k) for k in (1, 2)}
+        # The same with the thread policy off (torch's threads inside alqp, no pool): the baseline.
+        pool.ENABLED = False
+        try:
+            times["2, policy off"] = median_ms(2)
+        finally:
+            pool.ENABLED = True
+        return times
+
+    out = {"idle": settings_sweep()}
     busy = multiprocessing.Process(target=_busy, args=(600.0,), daemon=True)
     busy.start()
     try:
         time.sleep(0.2)
-        out["one_core_busy"] = {k: median_ms(k) for k in (1, 2)}
+        out["one_core_busy"] = settings_sweep()
     finally:
         busy.terminate()
         busy.join()
