@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.harness import PRESETS, RunOptions, make_preset, rerun_with_tuned_allocator, run_preset
+from benchmarks.harness import PRESETS, SPEED_PEERS, RunOptions, make_preset, rerun_with_tuned_allocator, run_preset
 from benchmarks.peers import ALL_METHODS, DEFAULT_METHODS
 from benchmarks.report import format_table, plot, write_json
 
@@ -28,13 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="paper-table2: n=100, 50 eq, 50 ineq, batch 100, eps 1e-1/1e-2/1e-3, "
                              "forward+backward; paper-table4: same at batch 1; scaling: batch 1..4096 "
                              "at n=100 and n 10..500 at batch 64; forward / backward: n=100,p=m=50 at "
-                             "batch 1/100/1000 and n=50,p=10,m=50 at batch 128 (default: forward)")
+                             "batch 1/100/1000 and n=50,p=10,m=50 at batch 128; tiny: n 2/5/10 at batch 1/5/8, box and "
+                             "mixed rows; threads: 1 and 2 threads at batch 64/256/1024 (default: forward)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CPU-only peers copy to the CPU)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (preset default)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (preset default)")
-    parser.add_argument("--peers", default=",".join(DEFAULT_METHODS),
-                        help=f"comma list among {', '.join(ALL_METHODS)} (default: %(default)s)")
+    parser.add_argument("--peers", default=None,
+                        help=f"comma list among {', '.join(ALL_METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                             f"for the tiny and threads presets {','.join(SPEED_PEERS)})")
     parser.add_argument("--eps", default=None,
                         help="comma list of tolerances replacing the preset's (given to every method)")
     parser.add_argument("--threads", type=int, default=None,
@@ -72,7 +74,8 @@ def main(argv=None, as_program: Optional[bool] = None) -> int:
             ``--tuned-allocator`` may re-run it (default: when argv is None).
     """
     args = build_parser().parse_args(argv)
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    default_peers = SPEED_PEERS if args.preset in ("tiny", "threads") else DEFAULT_METHODS
+    peers = [p.strip() for p in (args.peers or ",".join(default_peers)).split(",") if p.strip()]
     unknown = [p for p in peers if p not in ALL_METHODS and not p.startswith("alqp-")]
     if unknown:
         print(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from benchmarks.peers import DEFAULT_METHODS, Method, make_method
-from benchmarks.problems import QPBatch, random_qp_batch, reference_name, reference_solution
+from benchmarks.problems import QPBatch, box_qp_batch, random_qp_batch, reference_name, reference_solution
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class Config:
         batch, n, p, m: batch size and problem sizes.
         eps: the tolerance given to every method.
         sweep: the axis this point belongs to in the plots ('batch', 'n', 'eps' or '' for none).
+        rows: 'random' (random rows, :func:`benchmarks.problems.random_qp_batch`) or 'box'
+            (-1 <= x <= 1 only, :func:`benchmarks.problems.box_qp_batch`; p must be 0 and m = n).
+        two_sided: finite lower bounds on random rows (None: the preset's setting).
+        threads: torch threads at this point (None: the run's setting).
     """
 
     batch: int
@@ -48,9 +52,20 @@ class Config:
     m: int
     eps: float
     sweep: str = ""
+    rows: str = "random"
+    two_sided: Optional[bool] = None
+    threads: Optional[int] = None
 
     def label(self) -> str:
-        return f"B={self.batch} n={self.n} p={self.p} m={self.m} eps={self.eps:g}"
+        extra = (" box" if self.rows == "box" else "") + (f" threads={self.threads}" if self.threads else "")
+        return f"B={self.batch} n={self.n} p={self.p} m={self.m} eps={self.eps:g}{extra}"
+
+    def batch_of_qps(self, seed: int, two_sided: bool) -> QPBatch:
+        """The seeded float64 batch of this point (``two_sided``: the preset's default)."""
+        if self.rows == "box":
+            return box_qp_batch(self.batch, self.n, seed=seed)
+        two = two_sided if self.two_sided is None else self.two_sided
+        return random_qp_batch(self.batch, self.n, self.p, self.m, seed=seed, two_sided=two)
 
 
 @dataclass
@@ -65,6 +80,7 @@ class Preset:
         repeats, warmup: defaults of ``--repeats`` / ``--warmup``.
         two_sided: generate l = C x0 - margin as well (default: one-sided, as in the paper).
         max_seconds: default budget of the timed runs of one method at one point.
+        peers: the methods run when ``--peers`` is not given (None: DEFAULT_METHODS).
     """
 
     name: str
@@ -75,8 +91,12 @@ class Preset:
     warmup: int = 1
     two_sided: bool = False
     max_seconds: float = 30.0
+    peers: Optional[tuple] = None
 
 
+# The methods of the tiny and threads presets (issue 20): the peers a control loop would use, and
+# DAQP's own solve, the limit of alqp's active-set forward.
+SPEED_PEERS = ("alqp", "proxsuite", "qpth", "daqp-raw")
 # Sizes of the paper's random-QP benchmark (QPLayer paper, tables 2 and 4).
 _PAPER = dict(n=100, p=50, m=50)
 # Default tolerance of the forward/backward/scaling presets: the accuracy a learning task needs, and
@@ -133,11 +153,35 @@ def _make_preset(name: str, quick: bool, eps: Optional[Sequence[float]]) -> Pres
         return Preset(name, f"cost curves: batch {batches[0]}..{batches[-1]} at n=100 (p=m=50), "
                       f"n {ns[0]}..{ns[-1]} (p=m=n/2) at batch {B_n}, forward + backward",
                       configs, backward=True, repeats=3, warmup=1, max_seconds=15.0)
+    if name == "tiny":
+        # The QPs of control loops: a few variables, a few problems per call, one call after another.
+        ns, batches = ([2, 5], [1, 3]) if quick else ([2, 5, 10], [1, 5, 8])
+        configs = []
+        for t in tols:
+            for n in ns:
+                for B in batches:
+                    configs.append(Config(B, n, 0, n, t, sweep="batch", rows="box"))
+                    # Mixed rows: equalities and two-sided random inequalities.
+                    configs.append(Config(B, n, max(1, n // 4), n, t, sweep="batch", two_sided=True))
+        return Preset(name, f"tiny QPs: n in {ns}, batch in {batches}, box-only rows (-1 <= x <= 1) and "
+                      "mixed rows (n//4 equalities, n two-sided random rows), forward + backward (all "
+                      "Jacobians); peers proxsuite, qpth, daqp-raw (forward only)", configs, backward=True,
+                      repeats=30 if not quick else 2, warmup=3 if not quick else 1, max_seconds=10.0,
+                      peers=SPEED_PEERS)
+    if name == "threads":
+        size = dict(n=10, p=5, m=5) if quick else _PAPER
+        batches = [4, 8] if quick else [64, 256, 1024]
+        configs = [Config(B, eps=t, sweep="batch", threads=k, **size)
+                   for t in tols for B in batches for k in (1, 2)]
+        return Preset(name, f"1 and 2 torch threads at batch {batches} on the paper's random QPs (n=100, "
+                      "50 eq, 50 ineq), forward + backward; peers proxsuite, qpth, daqp-raw (forward only)",
+                      configs, backward=True, repeats=5 if not quick else 1, warmup=1, max_seconds=30.0,
+                      peers=SPEED_PEERS)
     raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
 
-PRESETS = ("paper-table2", "paper-table4", "scaling", "forward", "backward")
+PRESETS = ("paper-table2", "paper-table4", "scaling", "forward", "backward", "tiny", "threads")
 
 
 def _stats(values_ms: list) -> Optional[dict]:
@@ -392,8 +436,10 @@ def _run(preset, methods, options, log, extra_methods, threads) -> dict:
     # take over a second, warm-up runs would only double the wall-clock of the large points.
     last_ms: dict = {}
     for cfg in preset.configs:
-        qp64 = random_qp_batch(cfg.batch, cfg.n, cfg.p, cfg.m, seed=options.seed, two_sided=preset.two_sided)
-        key = (cfg.batch, cfg.n, cfg.p, cfg.m)
+        qp64 = cfg.batch_of_qps(options.seed, preset.two_sided)
+        key = (cfg.batch, cfg.n, cfg.p, cfg.m, cfg.rows, cfg.two_sided)
+        point_threads = cfg.threads or threads
+        torch.set_num_threads(point_threads)
         if key not in ref_cache:
             t0 = time.perf_counter()
             ref_cache[key] = reference_solution(qp64.head(min(cfg.batch, options.ref_max)),
@@ -415,8 +461,9 @@ def _run(preset, methods, options, log, extra_methods, threads) -> dict:
             else:
                 try:
                     skip_warmup = last_ms.get(method.name, 0.0) > 1000.0
-                    timing = time_method(method, qp, cfg.eps, preset.backward, repeats,
-                                         0 if skip_warmup else warmup, threads, max_seconds)
+                    # (A forward-only method, e.g. a raw solver, is timed on its forward in every mode.)
+                    timing = time_method(method, qp, cfg.eps, preset.backward and not method.forward_only,
+                                         repeats, 0 if skip_warmup else warmup, point_threads, max_seconds)
                 except Exception as exc:  # a failing peer must not stop the whole benchmark
                     record.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
                     log(f"[{cfg.label()}] {method.name} failed: {record['reason']}")
@@ -429,11 +476,15 @@ def _run(preset, methods, options, log, extra_methods, threads) -> dict:
                     ms = last_ms[method.name] = record["total"]["median"]
                     log(f"[{cfg.label()}] {method.name}: {ms:.2f} ms, max|x-x_ref| {record['err_x']:.1e}")
             point_records.append(record)
-        # Ratio to alqp: the total in forward+backward mode, the forward in forward mode.
+        # Ratio to alqp: the total in forward+backward mode, the forward in forward mode; a
+        # forward-only method (daqp-raw) against alqp's forward.
         base = next((r for r in point_records if r["method"] == "alqp" and r["status"] == "ok"), None)
         for r in point_records:
             if base is not None and r["status"] == "ok":
-                r["ratio_vs_alqp"] = r["total"]["median"] / max(base["total"]["median"], 1e-12)
+                forward_only = r["backward"] is None and base["backward"] is not None
+                ref = base["forward" if forward_only else "total"]["median"]
+                r["ratio_vs_alqp"] = r["total"]["median"] / max(ref, 1e-12)
+                r["ratio_basis"] = "alqp forward" if forward_only else "alqp total"
         result["records"].extend(point_records)
     # The notes of each method's last point (thread counts, conversions), once per method.
     result["notes"] = [f"{m.name}: " + "; ".join(m.notes) for m in active if m.notes]

@@ -48,11 +48,14 @@ class Method:
         tolerance: how the shared ``eps`` is passed to this method (printed with the results).
         backward_only: the method differs from another only by its backward (timed only in
             forward+backward mode).
+        forward_only: the method has no backward (a raw solver): timed on its forward in every
+            mode, and compared with alqp's forward.
     """
 
     name = "method"
     tolerance = ""
     backward_only = False
+    forward_only = False
 
     def __init__(self):
         self.notes: list[str] = []
@@ -373,11 +376,51 @@ class CvxpylayersMethod(Method):
         return x.to(device=device, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------------------- daqp-raw
+class DaqpRawMethod(Method):
+    """DAQP's own solve, ``daqp.solve`` once per problem in a Python loop: the physical limit of
+    alqp's active-set forward (which calls the same solver). Forward only, no gradient.
+
+    Each problem goes as it is: H, g, rows [A; C] with bounds [b; l] <= . <= [b; u] (equality
+    rows flagged), infinite bounds clipped to DAQP's infinity (1e30); DAQP factors H itself. The
+    copy of the batch to numpy is timed with the loop.
+    """
+
+    name = "daqp-raw"
+    forward_only = True
+    tolerance = "daqp.solve(primal_tol=min(eps, 1e-6)); its other settings at their defaults"
+
+    def unavailable(self):
+        return _missing("daqp", "daqp")
+
+    def setup(self, qp, eps, backward, threads):
+        self._daqp = _import("daqp")
+        self._primal_tol = min(eps, 1e-6)
+        self.notes = ["forward only: daqp.solve per problem, one thread"]
+
+    def forward(self, params):
+        import numpy as np
+
+        H, g, A, b, C, l, u = (t.detach().to("cpu", torch.float64).numpy() for t in params)
+        B, n, p = H.shape[0], H.shape[-1], A.shape[-2]
+        G = np.ascontiguousarray(np.concatenate([A, C], 1))
+        hi = np.ascontiguousarray(np.clip(np.concatenate([b, u], 1), -1e30, 1e30))
+        lo = np.ascontiguousarray(np.clip(np.concatenate([b, l], 1), -1e30, 1e30))
+        H, g = np.ascontiguousarray(H), np.ascontiguousarray(g)
+        sense = np.zeros(G.shape[1], dtype=np.intc)
+        sense[:p] = 5  # DAQP's equality flag
+        x = np.zeros((B, n))
+        solve = self._daqp.solve
+        for i in range(B):
+            x[i] = solve(H[i], g[i], G[i], hi[i], lo[i], sense, primal_tol=self._primal_tol)[0]
+        return torch.from_numpy(x).to(device=params[0].device, dtype=params[0].dtype)
+
+
 # ------------------------------------------------------------------------------------------ registry
 # Default order of the tables: alqp first, then the peers from fastest to slowest in the QP paper.
 DEFAULT_METHODS = ("alqp", "alqp-lpgd", "proxsuite", "qpth", "cvxpylayers")
 # alqp-alm: alqp with its batched ALM engine forced (on the CPU "alqp" takes the active-set engine).
-ALL_METHODS = DEFAULT_METHODS + ("alqp-alm", "proxsuite-serial")
+ALL_METHODS = DEFAULT_METHODS + ("alqp-alm", "proxsuite-serial", "daqp-raw")
 
 
 def make_method(name: str, cvxpylayers_max_batch: int = 128, cvxpylayers_max_n: int = 100) -> Method:
@@ -396,4 +439,6 @@ def make_method(name: str, cvxpylayers_max_batch: int = 128, cvxpylayers_max_n: 
         return QpthMethod()
     if name == "cvxpylayers":
         return CvxpylayersMethod(cvxpylayers_max_batch, cvxpylayers_max_n)
+    if name == "daqp-raw":
+        return DaqpRawMethod()
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")

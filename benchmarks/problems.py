@@ -107,6 +107,27 @@ def random_qp_batch(batch: int, n: int, p: int, m: int, seed: int = 0, two_sided
     return QPBatch(H, g, A, b, C, l, u, seed=seed, two_sided=two_sided)
 
 
+def box_qp_batch(batch: int, n: int, seed: int = 0, alpha: float = 1e-1, spread: float = 3.0) -> QPBatch:
+    """A batch of box-constrained QPs, the shape of a controller's input limits: H = M M'/n + alpha I,
+    no equality rows, C = I (m = n), -1 <= x <= 1, and g = -H x_u with the unconstrained minimizer
+    x_u ~ N(0, spread^2) mostly outside the box, so that some bounds are active.
+
+    Returns:
+        :class:`QPBatch` (float64, CPU), A (B,0,n), b (B,0), C (B,n,n), l = -1, u = 1 (B,n).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    M = torch.randn(batch, n, n, generator=gen, dtype=f64)
+    H = M @ M.transpose(1, 2) / max(n, 1) + alpha * torch.eye(n, dtype=f64)
+    H = 0.5 * (H + H.transpose(1, 2))
+    x_u = spread * torch.randn(batch, n, generator=gen, dtype=f64)
+    g = -(H @ x_u.unsqueeze(-1)).squeeze(-1)
+    C = torch.eye(n, dtype=f64).repeat(batch, 1, 1)
+    ones = torch.ones(batch, n, dtype=f64)
+    return QPBatch(H, g, torch.zeros(batch, 0, n, dtype=f64), torch.zeros(batch, 0, dtype=f64), C, -ones, ones,
+                   seed=seed, two_sided=True)
+
+
 def _polish(H, g, A, b, C, l, u, upper: np.ndarray, lower: np.ndarray, max_rounds: int = 20):
     """x of the QP from a guess of its active set, exact to rounding, or None.
 

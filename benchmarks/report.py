@@ -57,6 +57,8 @@ def format_table(result: dict) -> str:
             note = []
             if "newton_steps_max" in info:
                 note.append(f"iterations max {info['newton_steps_max']} mean {info['newton_steps_mean']}")
+            if r.get("ratio_basis") == "alqp forward":
+                note.append("forward only; t/t_alqp against alqp's forward")
             if info.get("not_solved"):
                 note.append(f"{info['not_solved']} not SOLVED")
             if r.get("repeats") is not None and r["repeats"] < result.get("repeats", 0):

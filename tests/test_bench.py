@@ -201,3 +201,53 @@ def test_peer_adapters_handle_two_sided_rows_and_no_equalities():
             continue
         assert r["status"] == "ok", (r["method"], r["reason"])
         assert r["err_x"] < 1e-4, (r["method"], r["err_x"])
+
+
+def test_tiny_and_threads_presets_have_the_documented_sizes():
+    tiny = make_preset("tiny")
+    points = {(c.batch, c.n, c.rows) for c in tiny.configs}
+    assert {n for _, n, _ in points} == {2, 5, 10} and {b for b, _, _ in points} == {1, 5, 8}
+    assert {r for _, _, r in points} == {"box", "random"} and tiny.backward
+    assert all(c.p == 0 and c.m == c.n for c in tiny.configs if c.rows == "box")
+    threads = make_preset("threads")
+    assert {(c.batch, c.threads) for c in threads.configs} == {(b, k) for b in (64, 256, 1024) for k in (1, 2)}
+    assert all((c.n, c.p, c.m) == (100, 50, 50) for c in threads.configs)
+    assert tiny.peers == threads.peers == ("alqp", "proxsuite", "qpth", "daqp-raw")
+
+
+def test_box_batches_are_box_constrained_with_active_bounds():
+    from benchmarks.problems import box_qp_batch
+
+    qp = box_qp_batch(6, 4, seed=1)
+    assert qp.A.shape == (6, 0, 4) and torch.equal(qp.C[0], torch.eye(4, dtype=torch.float64))
+    x = reference_solution(qp)
+    assert (x.abs() <= 1 + 1e-9).all() and ((x.abs() - 1).abs() < 1e-9).any()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "threads"])
+def test_speed_presets_run_and_write_json_with_ratios(tmp_path, preset):
+    status = main(["--preset", preset, "--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot", "--quiet"])
+    assert status == 0
+    data = json.loads((tmp_path / f"{preset}-quick.json").read_text())
+    methods = {r["method"] for r in data["records"]}
+    assert {"alqp", "daqp-raw"} <= methods
+    for r in data["records"]:
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["status"] != "ok":
+            assert r["reason"]
+            continue
+        assert r["err_x"] < 1e-3, (r["method"], r["err_x"])
+        assert r["ratio_vs_alqp"] is not None and r["ratio_vs_alqp"] > 0
+        if r["method"] == "daqp-raw":  # forward only, compared with alqp's forward
+            assert r["backward"] is None and r["ratio_basis"] == "alqp forward"
+    if preset == "threads":
+        assert {r["config"]["threads"] for r in data["records"]} == {1, 2}
+
+
+def test_layer_overhead_benchmark_runs_and_writes_json(tmp_path):
+    from benchmarks import layer_overhead
+
+    points = layer_overhead.main(["--repeats", "1", "--out", str(tmp_path)])
+    assert set(points) == {"table2-batch1", "table2-batch100", "n2-box-batch1", "n2-box-batch5"}
+    assert all(p["layer_ms"] > 0 and p["engine_ms"] > 0 for p in points.values())
+    assert json.loads((tmp_path / "layer-overhead.json").read_text())["points"].keys() == points.keys()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import statistics
 import time
 
 import families as F
@@ -19,10 +18,6 @@ import torch
 
 import alqp
 from alqp import IFT, LPGD, QPLayer, Settings, Status, solve_qp
-from alqp.backward import implicit_backward
-from benchmarks.problems import random_qp_batch
-from alqp.problem import canonicalize
-from alqp.solver import solve_problem_factored
 
 DT = torch.float64
 NAMES = ("H", "g", "A", "b", "C", "l", "u")
@@ -211,46 +206,6 @@ def test_grad_transform_matches_backward():
     u = prob["u"].clone().requires_grad_()
     loss(u).backward()
     assert torch.allclose(torch.func.grad(loss)(prob["u"]), u.grad, atol=1e-12, rtol=0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Eager overhead
-# ------------------------------------------------------------------------------------------------
-def _direct_step(data: dict, w: torch.Tensor) -> float:
-    """Seconds of the engine calls the layer wraps: canonicalize, solve, implicit backward."""
-    data = {k: v.clone() for k, v in data.items()}  # (fresh memory, as the layer's leaves get)
-    start = time.perf_counter()
-    problem = canonicalize(**data)
-    solution, factor = solve_problem_factored(problem, Settings())
-    implicit_backward(problem, solution, w, settings=Settings(), factor=factor)
-    return time.perf_counter() - start
-
-
-def _layer_step(data: dict, w: torch.Tensor) -> float:
-    leaves = {k: v.clone().requires_grad_() for k, v in data.items()}
-    start = time.perf_counter()
-    (solve_qp(**leaves).x * w).sum().backward()
-    return time.perf_counter() - start
-
-
-@pytest.mark.parametrize("batch,repeats,limit", [(1, 21, 1.25), (100, 5, 1.15)])
-def test_eager_layer_overhead_is_small(batch, repeats, limit, capsys):
-    """solve_qp + backward against the engine functions it wraps (the QPLayer paper's table-2
-    size, n=100, 50 equalities, 50 inequalities), interleaved, medians over repeats."""
-    qp = random_qp_batch(batch, 100, 50, 50, seed=0)
-    data = {k: getattr(qp, k) for k in NAMES}
-    w = torch.randn(batch, 100, generator=torch.Generator().manual_seed(1), dtype=DT)
-    _direct_step(data, w), _layer_step(data, w)
-    direct, layer = [], []
-    for i in range(repeats):
-        order = (_direct_step, _layer_step) if i % 2 else (_layer_step, _direct_step)
-        for step in order:
-            (direct if step is _direct_step else layer).append(step(data, w))
-    ratio = statistics.median(layer) / statistics.median(direct)
-    with capsys.disabled():
-        print(f"\n[overhead] batch {batch}: layer {1e3 * statistics.median(layer):.2f} ms, "
-              f"engine {1e3 * statistics.median(direct):.2f} ms, ratio {ratio:.3f}")
-    assert ratio < limit
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import Tensor
 from alqp.activity import closest_feasible_output
 from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
 from alqp.linalg import cholesky_solve_rows, vm
+from alqp.pool import one_torch_thread, run_chunked, solve_threads  # alqp.pool
 from alqp.problem import QPProblem
 from alqp.settings import Settings
 from alqp.types import QPSolution, Status
@@ -117,6 +118,7 @@ def _rows(blocks: list, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1))
 
 
+@one_torch_thread  # alqp.pool: the thread policy
 def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"] = None
                      ) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
@@ -394,8 +396,10 @@ class _LeastDistanceForm:
         flags = np.full(idx.size, _DAQP_OPTIMAL, dtype=np.int64)
         # The direct solve of the equality-constrained problem (v_A) counts as one iteration.
         iters = np.ones(idx.size, dtype=np.int64)
-        if m:
-            for j, i in enumerate(idx):
+        # --- alqp.pool: the solves in chunks, on threads for large batches (each j its own rows) ---
+        def solve_chunk(chunk: range) -> None:
+            for j in chunk:
+                i = idx[j]
                 R_i, lo_i, hi_i = self.R[i * sR], self.lo[i], self.hi[i]
                 # u = kappa v, z = kappa lam: DAQP solves for v, whose bounds (on its normalized
                 # rows) have size one, so that its absolute tolerances are relative ones. (The
@@ -408,6 +412,10 @@ class _LeastDistanceForm:
                 if flag == _DAQP_OPTIMAL:
                     u_out[j] = kappa * v_j
                     z_out[j] = kappa * info["lam"]
+
+        if m:
+            run_chunked(solve_chunk, idx.size, solve_threads(idx.size, n))
+        # --- end alqp.pool ---
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
         take = lambda t: t if t.shape[0] == 1 or every else t.index_select(0, rows)  # noqa: E731

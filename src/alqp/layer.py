@@ -76,6 +76,8 @@ from alqp.settings import (
     backward_from_json,
     settings_from_json,
 )
+from alqp.pool import one_torch_thread
+from alqp.small import backward_small
 from alqp.solver import solve_problem_factored
 from alqp.types import QPSolution
 
@@ -164,6 +166,15 @@ def _engine_grads(problem, solution, incoming, settings: Settings, backward: Bac
         from alqp.lpgd import lpgd_backward  # (LPGD's module only when chosen)
         return lpgd_backward(problem, solution, *incoming, settings=settings, tau=backward.tau,
                              variant=backward.variant, proximal=backward.proximal, factor=factor)
+    return _implicit_grads(problem, solution, incoming, settings, factor)
+
+
+@one_torch_thread  # alqp.pool: the thread policy (no spinning OpenMP threads on a busy machine)
+def _implicit_grads(problem, solution, incoming, settings: Settings, factor) -> dict:
+    # alqp.small: a one-step KKT solve for small all-SOLVED CPU batches (None where it does not apply).
+    fast = backward_small(problem, solution, *incoming, settings)
+    if fast is not None:
+        return fast
     return implicit_backward(problem, solution, *incoming, settings=settings, factor=factor)
 
 

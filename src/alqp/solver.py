@@ -112,6 +112,13 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
     The failed problems of either engine go through :func:`report_non_convex`."""
     engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
     if engine == "active_set":
+        # --- alqp.small: per-call fast path for small CPU batches (None: not taken) ---
+        if warm_start is None and factor is None:
+            from alqp.small import solve_small
+            fast = solve_small(problem, settings)
+            if fast is not None:
+                return fast, None
+        # --- end alqp.small ---
         from alqp.active_set import solve_active_set  # numpy and daqp only when used
         ws = _batched_warm_start(warm_start, problem)  # (validated even where it is not needed)
         solution, certified, factor = solve_active_set(problem, settings, factor)
