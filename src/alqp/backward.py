@@ -827,7 +827,10 @@ def _solve_feasible(group: _Group, factor: Optional[LeastDistanceFactor], index:
             w1[pick], w2[pick], w3[pick], solved[pick] = picked
     if not bool(solved.all()):
         rest = (~solved).nonzero().squeeze(-1)
-        w1[rest], w2[rest], w3[rest], solved[rest] = _solve_direct(group.select(rest))
+        if rest.numel() == count:  # (none solved yet, as without a factor: no index juggling)
+            w1, w2, w3, solved = _solve_direct(group)
+        else:
+            w1[rest], w2[rest], w3[rest], solved[rest] = _solve_direct(group.select(rest))
         rest = (~solved).nonzero().squeeze(-1)
         if rest.numel():
             system = _adjoint_system(group.select(rest), full=False)
