@@ -61,7 +61,8 @@ w6 (p+m, used on V), w7):
 
 The dc rows are solved by construction: w6 = N omega with N a basis of null(G_V') on the rows V
 (:func:`_shift_geometry`, usually of small dimension), so the system assembled has the columns
-(w1, w2, w3, w5, omega, w7) and no dc rows.
+(w1, w2, w3, w5, omega, w7) and no dc rows (:class:`AdjointLayout`, the one definition of where
+each block sits, for the assembly and for the readers of its solution).
 
 and the parameter gradients, read off J_theta:
 
@@ -73,8 +74,14 @@ and the parameter gradients, read off J_theta:
 How the systems are solved: a SOLVED problem whose forward factorization is at hand (the active-set
 engine's :class:`alqp.active_set.LeastDistanceFactor`) gets :func:`kkt_solve_factored`, one
 |J| x |J| factorization on top of the forward's; otherwise :func:`kkt_solve_direct`; a system
-that neither solves (singular: LPs, degenerate or dependent active rows) and every closest-feasible
-one get :func:`lstsq_min_norm`.
+that neither solves (singular: LPs, degenerate or dependent active rows) gets
+:func:`lstsq_min_norm`, and every closest-feasible one :func:`lstsq_svd`.
+
+:func:`implicit_backward` runs in phases, each a function of typed values: promote the data to
+float64 (:func:`_promote`), classify the rows (:func:`classify_rows`), solve the adjoint systems
+by kind of problem (:func:`_solve_adjoint`: :func:`_solve_feasible`, the cascade above, and
+:func:`_solve_closest_feasible`), and read the input gradients off J_theta
+(:func:`_input_gradients`).
 """
 from __future__ import annotations
 
@@ -180,6 +187,11 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     return ActiveSet(active, violated.to(dtype), violated_eq.to(dtype), upper * fin_u, lower, feasible, shifted)
 
 
+def _safe_rsqrt(norm: Tensor) -> Tensor:
+    """1/sqrt(norm), and 1 where norm is 0: the Ruiz step of a row or column (a zero one keeps its scale)."""
+    return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
+
+
 def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]:
     """Ruiz equilibration of a batch of rectangular matrices: D_r M D_c with rows and columns of
     infinity norm near 1 (a zero row or column keeps scale 1). A symmetric M stays symmetric.
@@ -200,12 +212,8 @@ def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]
     # The scaled magnitudes, kept in single precision and scaled in place (the scalings need a few
     # digits only): a fraction of the memory traffic of float64 copies made at every sweep.
     S = magnitudes(M)
-
-    def factor(norm: Tensor) -> Tensor:
-        return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-
     for sweep in range(iterations):
-        e_r, e_c = factor(S.amax(-1)), factor(S.amax(-2))
+        e_r, e_c = _safe_rsqrt(S.amax(-1)), _safe_rsqrt(S.amax(-2))
         d_r, d_c = d_r * e_r.to(M.dtype), d_c * e_c.to(M.dtype)
         if sweep + 1 < iterations:
             S.mul_(e_r.unsqueeze(-1)).mul_(e_c.unsqueeze(-2))
@@ -316,6 +324,31 @@ def lstsq_svd(M: Tensor, rhs: Tensor, rcond: float = 1e-11, equilibrate_iter: in
     return d_c * v
 
 
+def _inf_norm2_host(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(B,) max(|u|_inf, |v|_inf) of (B,k) arrays."""
+    return np.maximum(inf_norm_host(u), inf_norm_host(v))
+
+
+def _active_schur_factor(factor: LeastDistanceFactor, active: Tensor, min_pivot: float) -> tuple[Tensor, np.ndarray]:
+    """The Cholesky factor T_f of T = R_J R_J' + diag(1 - a) (:func:`kkt_solve_factored`), and
+    where it is good: (B,m,m) (the identity where not) and (B,) bool (numpy)."""
+    m = active.shape[-1]
+    Ra = factor.R * active.unsqueeze(-1)
+    T = torch.bmm(Ra, Ra.mT)
+    T.diagonal(dim1=-2, dim2=-1).add_(1.0 - active)  # w3 = 0 on the inactive rows
+    T_f, info = torch.linalg.cholesky_ex(T)
+    # (The factor lives on the CPU: the tests on small vectors run on numpy views, where torch's
+    # per-call cost would dominate at batch 1.)
+    ok = info.numpy() == 0
+    if m:
+        pivot = T_f.diagonal(dim1=-2, dim2=-1).numpy()
+        row2 = np.where(active.numpy() > 0, factor.M_C_norm2.numpy(), 1.0)
+        ok &= (pivot * pivot >= min_pivot * row2).all(-1)
+    if not ok.all():
+        T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
+    return T_f, ok
+
+
 def kkt_solve_factored(factor: LeastDistanceFactor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, r1: Tensor,
                        r2: Tensor, r3: Tensor, min_pivot: float = 1e-10,
                        max_refine: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -348,24 +381,14 @@ def kkt_solve_factored(factor: LeastDistanceFactor, H: Tensor, A: Tensor, C: Ten
     Returns:
         w1 (B,n), w2 (B,p), w3 (B,m) (0 off J), and solved (B,) bool (w are 0 where it is False).
     """
+    # (Longer than the module's other functions: its substitution and its refinement share the
+    # factor's pieces, which a split would pass around as arguments; a third of it is docstring.)
     B, n = r1.shape
     p, m = A.shape[-2], C.shape[-2]
-    L, Mt, S_f, R = factor.L, factor.Mt, factor.S_factor, factor.R
+    L, Mt, S_f = factor.L, factor.Mt, factor.S_factor
     a = active
-    Ra = R * a.unsqueeze(-1)
-    T = torch.bmm(Ra, Ra.mT)
-    T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
-    T_f, info = torch.linalg.cholesky_ex(T)
-    # (The factor lives on the CPU: the tests on small vectors run on numpy views, where torch's
-    # per-call cost would dominate at batch 1.)
-    ok = info.numpy() == 0
-    if m:
-        pivot = T_f.diagonal(dim1=-2, dim2=-1).numpy()
-        row2 = np.where(a.numpy() > 0, factor.M_C_norm2.numpy(), 1.0)
-        ok &= (pivot * pivot >= min_pivot * row2).all(-1)
+    T_f, ok = _active_schur_factor(factor, a, min_pivot)
     ok_all = bool(ok.all())
-    if not ok_all:
-        T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
     W = factor.W
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
@@ -393,9 +416,7 @@ def kkt_solve_factored(factor: LeastDistanceFactor, H: Tensor, A: Tensor, C: Ten
         Gv1 = np.concatenate([vm_host(v1, A_.transpose(0, 2, 1)), vm_host(v1, C_.transpose(0, 2, 1))], -1)
         return res1, (r23_ - Gv1) * mask_
 
-    def norm(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf)
-        return np.maximum(inf_norm_host(u), inf_norm_host(v))
-
+    norm = _inf_norm2_host
     w1, w23 = solve(r1, r23)
     size = norm(r1_, r23_)
     scale = factor.scale.numpy()
@@ -415,6 +436,36 @@ def kkt_solve_factored(factor: LeastDistanceFactor, H: Tensor, A: Tensor, C: Ten
         w1 = torch.where(keep, w1, torch.zeros_like(w1))
         w23 = torch.where(keep, w23, torch.zeros_like(w23))
     return w1, w23[:, :p], w23[:, p:], solved
+
+
+def _kkt_equilibrate(H: Tensor, G: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric Ruiz scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]], H (B,n,n), G (B,k,n).
+
+    Computed on single-precision magnitude copies scaled in place (see
+    alqp.problem.ruiz_equilibrate): the scalings need a few digits only.
+
+    Returns:
+        d1 (B,n), d2 (B,k) in H's dtype, and scale (B,): the largest |entry| of the scaled H and G.
+    """
+    B, n = H.shape[:2]
+    k = G.shape[1]
+    absH, absG = magnitudes(H), magnitudes(G)
+    d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
+    for _ in range(iterations if n else 0):
+        row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
+        e1 = _safe_rsqrt(row1)
+        e2 = _safe_rsqrt(absG.amax(-1)) if k else d2
+        d1.mul_(e1)
+        absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+        if k:
+            d2.mul_(e2)
+            absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+    if n:
+        scale_G = absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)
+        scale = torch.maximum(absH.flatten(1).amax(-1), scale_G).to(H.dtype)
+    else:
+        scale = H.new_zeros(B)
+    return d1.to(H.dtype), d2.to(H.dtype), scale
 
 
 def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: float = 1e-9, max_refine: int = 8,
@@ -441,32 +492,10 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
     """
     B, n = r1.shape
     k = G.shape[1]
-    # Symmetric scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]], computed on single-precision
-    # magnitude copies scaled in place (see alqp.problem.ruiz_equilibrate).
-    absH, absG = magnitudes(H), magnitudes(G)
-    d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
-
-    def safe_rsqrt(norm: Tensor) -> Tensor:
-        return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-
-    for _ in range(equilibrate_iter if n else 0):
-        row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
-        e1 = safe_rsqrt(row1)
-        e2 = safe_rsqrt(absG.amax(-1)) if k else d2
-        d1.mul_(e1)
-        absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
-        if k:
-            d2.mul_(e2)
-            absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
-    d1, d2 = d1.to(H.dtype), d2.to(H.dtype)
+    d1, d2, scale = _kkt_equilibrate(H, G, equilibrate_iter)
     Gs = (G * d2.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
     GsT = Gs.transpose(-1, -2)  # a view: a transposed copy costs more than all its products
     r1s, r2s = d1 * r1, d2 * r2
-    if n:
-        scale_G = absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)
-        scale = torch.maximum(absH.flatten(1).amax(-1), scale_G).to(H.dtype)
-    else:
-        scale = H.new_zeros(B)
     delta = (rel_reg * scale.clamp_min(1.0)).unsqueeze(-1)
     # delta * (Hs + delta I + Gs'Gs/delta) with Hs = diag(d1) H diag(d1): the per-problem delta
     # scales the matrix instead of Gs, so the product accumulates in place; its solves are delta
