@@ -688,14 +688,13 @@ def _multiplier_shift(act: ActiveSet, s_V: Tensor, w_V: Tensor, z: Tensor) -> tu
     return t, pinned, pin_row * pinned.to(z.dtype).unsqueeze(-1)
 
 
-def _fill_kkt(M: Tensor, layout: AdjointLayout, H: Tensor, A: Tensor, C_active: Tensor) -> None:
+def _fill_kkt(M: Tensor, blocks: AdjointLayout, H: Tensor, A: Tensor, C_active: Tensor) -> None:
     """Write the symmetric KKT block [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] into M (zeros there)."""
-    L = layout
-    M[:, L.dx, L.w1] = H
-    M[:, L.dx, L.w2] = A.mT
-    M[:, L.dx, L.w3] = C_active.mT
-    M[:, L.dy, L.w1] = A
-    M[:, L.dz, L.w1] = C_active
+    M[:, blocks.dx, blocks.w1] = H
+    M[:, blocks.dx, blocks.w2] = A.mT
+    M[:, blocks.dx, blocks.w3] = C_active.mT
+    M[:, blocks.dy, blocks.w1] = A
+    M[:, blocks.dz, blocks.w1] = C_active
 
 
 def _adjoint_system(group: _Group, full: bool) -> AdjointSystem:
@@ -716,12 +715,12 @@ def _adjoint_system(group: _Group, full: bool) -> AdjointSystem:
     a, v = act.active, act.violated
     C_active = a.unsqueeze(-1) * C  # D_a C: the rows J, zero elsewhere
     if not full:
-        L = AdjointLayout.kkt(n, p, m)
-        M = H.new_zeros(B, L.rows, L.columns)
-        _fill_kkt(M, L, H, A, C_active)
-        rhs = H.new_zeros(B, L.rows)
-        rhs[:, L.dx], rhs[:, L.dy], rhs[:, L.dz] = grad.x, grad.y, a * grad.z
-        return AdjointSystem(M, rhs, L, None, None)
+        blocks = AdjointLayout.kkt(n, p, m)
+        M = H.new_zeros(B, blocks.rows, blocks.columns)
+        _fill_kkt(M, blocks, H, A, C_active)
+        rhs = H.new_zeros(B, blocks.rows)
+        rhs[:, blocks.dx], rhs[:, blocks.dy], rhs[:, blocks.dz] = grad.x, grad.y, a * grad.z
+        return AdjointSystem(M, rhs, blocks, None, None)
 
     phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
     V = torch.cat([act.violated_eq, v], -1)  # the shifted rows of [A; C], (B,p+m)
@@ -733,25 +732,25 @@ def _adjoint_system(group: _Group, full: bool) -> AdjointSystem:
     # replaces the p + m w6 columns by d.
     N, c = _shift_geometry(torch.cat([A, C], -2), V, w_V)
     N_eq, N_in = N[:, :p], N[:, p:]
-    L = AdjointLayout.closest_feasible(n, p, m, N.shape[-1])
-    M = H.new_zeros(B, L.rows, L.columns)
-    _fill_kkt(M, L, H, A, C_active)
+    blocks = AdjointLayout.closest_feasible(n, p, m, N.shape[-1])
+    M = H.new_zeros(B, blocks.rows, blocks.columns)
+    _fill_kkt(M, blocks, H, A, C_active)
     eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
     minus_t = -t[:, None, None]
-    M[:, L.dy, L.omega] = N_eq
-    M[:, L.dz, L.omega] = N_in
-    M[:, L.dz, L.w7] = pin_row.unsqueeze(-1)
-    M[:, L.ds_eq, L.w2] = -phi.unsqueeze(-1) * eye_p
-    M[:, L.ds_eq, L.w5] = phi.unsqueeze(-1) * A
-    M[:, L.ds_eq, L.omega] = minus_t * N_eq
-    M[:, L.ds_in, L.w3] = -torch.diag_embed(v)
-    M[:, L.ds_in, L.w5] = v.unsqueeze(-1) * C
-    M[:, L.ds_in, L.omega] = minus_t * N_in
-    M[:, L.dt, L.omega] = -pinned.to(H.dtype)[:, None, None] * vm(s_V, N).unsqueeze(-2)
-    rhs = H.new_zeros(B, L.rows)
-    rhs[:, L.dx], rhs[:, L.dy], rhs[:, L.dz] = grad.x, grad.y, a * grad.z
-    rhs[:, L.ds_eq], rhs[:, L.ds_in] = phi * grad.s_eq, v * grad.s_in
-    return AdjointSystem(M, rhs, L, N, c)
+    M[:, blocks.dy, blocks.omega] = N_eq
+    M[:, blocks.dz, blocks.omega] = N_in
+    M[:, blocks.dz, blocks.w7] = pin_row.unsqueeze(-1)
+    M[:, blocks.ds_eq, blocks.w2] = -phi.unsqueeze(-1) * eye_p
+    M[:, blocks.ds_eq, blocks.w5] = phi.unsqueeze(-1) * A
+    M[:, blocks.ds_eq, blocks.omega] = minus_t * N_eq
+    M[:, blocks.ds_in, blocks.w3] = -torch.diag_embed(v)
+    M[:, blocks.ds_in, blocks.w5] = v.unsqueeze(-1) * C
+    M[:, blocks.ds_in, blocks.omega] = minus_t * N_in
+    M[:, blocks.dt, blocks.omega] = -pinned.to(H.dtype)[:, None, None] * vm(s_V, N).unsqueeze(-2)
+    rhs = H.new_zeros(B, blocks.rows)
+    rhs[:, blocks.dx], rhs[:, blocks.dy], rhs[:, blocks.dz] = grad.x, grad.y, a * grad.z
+    rhs[:, blocks.ds_eq], rhs[:, blocks.ds_in] = phi * grad.s_eq, v * grad.s_in
+    return AdjointSystem(M, rhs, blocks, N, c)
 
 
 def _shift_geometry(G: Tensor, V: Tensor, w_V: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -864,8 +863,8 @@ def _solve_feasible(group: _Group, factor: Optional[LeastDistanceFactor], index:
         if rest.numel():
             system = _adjoint_system(group.select(rest), full=False)
             w = lstsq_min_norm(system.M, system.rhs)
-            L = system.layout
-            w1[rest], w2[rest], w3[rest] = w[:, L.w1], w[:, L.w2], w[:, L.w3]
+            blocks = system.layout
+            w1[rest], w2[rest], w3[rest] = w[:, blocks.w1], w[:, blocks.w2], w[:, blocks.w3]
     return AdjointSolution(w1, w2, w3 * a)
 
 
@@ -879,10 +878,11 @@ def _solve_closest_feasible(group: _Group) -> AdjointSolution:
     act = group.act
     system = _adjoint_system(group, full=True)
     w = lstsq_svd(system.M, system.rhs)
-    L = system.layout
+    blocks = system.layout
     V = torch.cat([act.violated_eq, act.violated], -1)
-    w6 = V * vm(w[:, L.omega], system.N.mT)
-    return AdjointSolution(w[:, L.w1], w[:, L.w2], w[:, L.w3] * act.active, w[:, L.w5], w6, system.c)
+    w6 = V * vm(w[:, blocks.omega], system.N.mT)
+    return AdjointSolution(w[:, blocks.w1], w[:, blocks.w2], w[:, blocks.w3] * act.active, w[:, blocks.w5], w6,
+                           system.c)
 
 
 def _solve_adjoint(batch: _Group, factor: Optional[LeastDistanceFactor], all_feasible: bool,
