@@ -61,7 +61,8 @@ w6 (p+m, used on V), w7):
 
 The dc rows are solved by construction: w6 = N omega with N a basis of null(G_V') on the rows V
 (:func:`_shift_geometry`, usually of small dimension), so the system assembled has the columns
-(w1, w2, w3, w5, omega, w7) and no dc rows.
+(w1, w2, w3, w5, omega, w7) and no dc rows (:class:`AdjointLayout`, the one definition of where
+each block sits, for the assembly and for the readers of its solution).
 
 and the parameter gradients, read off J_theta:
 
@@ -73,8 +74,14 @@ and the parameter gradients, read off J_theta:
 How the systems are solved: a SOLVED problem whose forward factorization is at hand (the active-set
 engine's :class:`alqp.active_set.LeastDistanceFactor`) gets :func:`kkt_solve_factored`, one
 |J| x |J| factorization on top of the forward's; otherwise :func:`kkt_solve_direct`; a system
-that neither solves (singular: LPs, degenerate or dependent active rows) and every closest-feasible
-one get :func:`lstsq_min_norm`.
+that neither solves (singular: LPs, degenerate or dependent active rows) gets
+:func:`lstsq_min_norm`, and every closest-feasible one :func:`lstsq_svd`.
+
+:func:`implicit_backward` runs in phases, each a function of typed values: promote the data to
+float64 (:func:`_promote`), classify the rows (:func:`classify_rows`), solve the adjoint systems
+by kind of problem (:func:`_solve_adjoint`: :func:`_solve_feasible`, the cascade above, and
+:func:`_solve_closest_feasible`), and read the input gradients off J_theta
+(:func:`_input_gradients`).
 """
 from __future__ import annotations
 
@@ -87,10 +94,12 @@ from torch import Tensor
 
 from alqp.linalg import (as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes, solve_triangular_rows, vm,
                          vm_host)
+from alqp.active_set import LeastDistanceFactor
 from alqp.activity import activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
+from alqp.types import QPSolution
 
 #: The backward's linear algebra always runs in float64: it is a few dense solves whose conditioning
 #: is that of the KKT matrix squared (normal equations), too much for float32's 7 digits.
@@ -178,6 +187,11 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     return ActiveSet(active, violated.to(dtype), violated_eq.to(dtype), upper * fin_u, lower, feasible, shifted)
 
 
+def _safe_rsqrt(norm: Tensor) -> Tensor:
+    """1/sqrt(norm), and 1 where norm is 0: the Ruiz step of a row or column (a zero one keeps its scale)."""
+    return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
+
+
 def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]:
     """Ruiz equilibration of a batch of rectangular matrices: D_r M D_c with rows and columns of
     infinity norm near 1 (a zero row or column keeps scale 1). A symmetric M stays symmetric.
@@ -198,12 +212,8 @@ def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]
     # The scaled magnitudes, kept in single precision and scaled in place (the scalings need a few
     # digits only): a fraction of the memory traffic of float64 copies made at every sweep.
     S = magnitudes(M)
-
-    def factor(norm: Tensor) -> Tensor:
-        return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-
     for sweep in range(iterations):
-        e_r, e_c = factor(S.amax(-1)), factor(S.amax(-2))
+        e_r, e_c = _safe_rsqrt(S.amax(-1)), _safe_rsqrt(S.amax(-2))
         d_r, d_c = d_r * e_r.to(M.dtype), d_c * e_c.to(M.dtype)
         if sweep + 1 < iterations:
             S.mul_(e_r.unsqueeze(-1)).mul_(e_c.unsqueeze(-2))
@@ -314,8 +324,34 @@ def lstsq_svd(M: Tensor, rhs: Tensor, rcond: float = 1e-11, equilibrate_iter: in
     return d_c * v
 
 
-def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, r1: Tensor, r2: Tensor,
-                       r3: Tensor, min_pivot: float = 1e-10, max_refine: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _inf_norm2_host(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(B,) max(|u|_inf, |v|_inf) of (B,k) arrays."""
+    return np.maximum(inf_norm_host(u), inf_norm_host(v))
+
+
+def _active_schur_factor(factor: LeastDistanceFactor, active: Tensor, min_pivot: float) -> tuple[Tensor, np.ndarray]:
+    """The Cholesky factor T_f of T = R_J R_J' + diag(1 - a) (:func:`kkt_solve_factored`), and
+    where it is good: (B,m,m) (the identity where not) and (B,) bool (numpy)."""
+    m = active.shape[-1]
+    Ra = factor.R * active.unsqueeze(-1)
+    T = torch.bmm(Ra, Ra.mT)
+    T.diagonal(dim1=-2, dim2=-1).add_(1.0 - active)  # w3 = 0 on the inactive rows
+    T_f, info = torch.linalg.cholesky_ex(T)
+    # (The factor lives on the CPU: the tests on small vectors run on numpy views, where torch's
+    # per-call cost would dominate at batch 1.)
+    ok = info.numpy() == 0
+    if m:
+        pivot = T_f.diagonal(dim1=-2, dim2=-1).numpy()
+        row2 = np.where(active.numpy() > 0, factor.M_C_norm2.numpy(), 1.0)
+        ok &= (pivot * pivot >= min_pivot * row2).all(-1)
+    if not ok.all():
+        T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
+    return T_f, ok
+
+
+def kkt_solve_factored(factor: LeastDistanceFactor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, r1: Tensor,
+                       r2: Tensor, r3: Tensor, min_pivot: float = 1e-10,
+                       max_refine: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Solve the KKT systems of feasible problems with the forward's factorization of H and A.
 
     The system [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] (w1, w2, w3_J) = (r1, r2, r3_J), J the
@@ -345,24 +381,14 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
     Returns:
         w1 (B,n), w2 (B,p), w3 (B,m) (0 off J), and solved (B,) bool (w are 0 where it is False).
     """
+    # (Longer than the module's other functions: its substitution and its refinement share the
+    # factor's pieces, which a split would pass around as arguments; a third of it is docstring.)
     B, n = r1.shape
     p, m = A.shape[-2], C.shape[-2]
-    L, Mt, S_f, R = factor.L, factor.Mt, factor.S_factor, factor.R
+    L, Mt, S_f = factor.L, factor.Mt, factor.S_factor
     a = active
-    Ra = R * a.unsqueeze(-1)
-    T = torch.bmm(Ra, Ra.mT)
-    T.diagonal(dim1=-2, dim2=-1).add_(1.0 - a)  # w3 = 0 on the inactive rows
-    T_f, info = torch.linalg.cholesky_ex(T)
-    # (The factor lives on the CPU: the tests on small vectors run on numpy views, where torch's
-    # per-call cost would dominate at batch 1.)
-    ok = info.numpy() == 0
-    if m:
-        pivot = T_f.diagonal(dim1=-2, dim2=-1).numpy()
-        row2 = np.where(a.numpy() > 0, factor.M_C_norm2.numpy(), 1.0)
-        ok &= (pivot * pivot >= min_pivot * row2).all(-1)
+    T_f, ok = _active_schur_factor(factor, a, min_pivot)
     ok_all = bool(ok.all())
-    if not ok_all:
-        T_f = torch.where(torch.from_numpy(ok)[:, None, None], T_f, torch.eye(m, dtype=T.dtype))
     W = factor.W
     mask = torch.cat([torch.ones_like(r2), a], -1)  # the rows in the system
     r23 = torch.cat([r2, r3], -1) * mask
@@ -390,9 +416,7 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
         Gv1 = np.concatenate([vm_host(v1, A_.transpose(0, 2, 1)), vm_host(v1, C_.transpose(0, 2, 1))], -1)
         return res1, (r23_ - Gv1) * mask_
 
-    def norm(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # (B,) max(|u|_inf, |v|_inf)
-        return np.maximum(inf_norm_host(u), inf_norm_host(v))
-
+    norm = _inf_norm2_host
     w1, w23 = solve(r1, r23)
     size = norm(r1_, r23_)
     scale = factor.scale.numpy()
@@ -412,6 +436,36 @@ def kkt_solve_factored(factor, H: Tensor, A: Tensor, C: Tensor, active: Tensor, 
         w1 = torch.where(keep, w1, torch.zeros_like(w1))
         w23 = torch.where(keep, w23, torch.zeros_like(w23))
     return w1, w23[:, :p], w23[:, p:], solved
+
+
+def _kkt_equilibrate(H: Tensor, G: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric Ruiz scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]], H (B,n,n), G (B,k,n).
+
+    Computed on single-precision magnitude copies scaled in place (see
+    alqp.problem.ruiz_equilibrate): the scalings need a few digits only.
+
+    Returns:
+        d1 (B,n), d2 (B,k) in H's dtype, and scale (B,): the largest |entry| of the scaled H and G.
+    """
+    B, n = H.shape[:2]
+    k = G.shape[1]
+    absH, absG = magnitudes(H), magnitudes(G)
+    d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
+    for _ in range(iterations if n else 0):
+        row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
+        e1 = _safe_rsqrt(row1)
+        e2 = _safe_rsqrt(absG.amax(-1)) if k else d2
+        d1.mul_(e1)
+        absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+        if k:
+            d2.mul_(e2)
+            absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
+    if n:
+        scale_G = absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)
+        scale = torch.maximum(absH.flatten(1).amax(-1), scale_G).to(H.dtype)
+    else:
+        scale = H.new_zeros(B)
+    return d1.to(H.dtype), d2.to(H.dtype), scale
 
 
 def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: float = 1e-9, max_refine: int = 8,
@@ -438,29 +492,10 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
     """
     B, n = r1.shape
     k = G.shape[1]
-    # Symmetric scaling diag(d) M diag(d) of M = [[H, G'], [G, 0]], computed on single-precision
-    # magnitude copies scaled in place (see alqp.problem.ruiz_equilibrate).
-    absH, absG = magnitudes(H), magnitudes(G)
-    d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
-
-    def safe_rsqrt(norm: Tensor) -> Tensor:
-        return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-
-    for _ in range(equilibrate_iter if n else 0):
-        row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
-        e1 = safe_rsqrt(row1)
-        e2 = safe_rsqrt(absG.amax(-1)) if k else d2
-        d1.mul_(e1)
-        absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
-        if k:
-            d2.mul_(e2)
-            absG.mul_(e2.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
-    d1, d2 = d1.to(H.dtype), d2.to(H.dtype)
+    d1, d2, scale = _kkt_equilibrate(H, G, equilibrate_iter)
     Gs = (G * d2.unsqueeze(-1)).mul_(d1.unsqueeze(-2))
     GsT = Gs.transpose(-1, -2)  # a view: a transposed copy costs more than all its products
     r1s, r2s = d1 * r1, d2 * r2
-    scale = torch.maximum(absH.flatten(1).amax(-1), absG.flatten(1).amax(-1) if k * n else absH.new_zeros(B)).to(H.dtype) \
-        if n else H.new_zeros(B)
     delta = (rel_reg * scale.clamp_min(1.0)).unsqueeze(-1)
     # delta * (Hs + delta I + Gs'Gs/delta) with Hs = diag(d1) H diag(d1): the per-problem delta
     # scales the matrix instead of Gs, so the product accumulates in place; its solves are delta
@@ -502,67 +537,220 @@ def kkt_solve_direct(H: Tensor, G: Tensor, r1: Tensor, r2: Tensor, rel_reg: floa
     return d1 * v1, d2 * v2, solved
 
 
-def _adjoint_system(P: QPProblem, x, y, z, s_eq, s_in, act: ActiveSet, gx, gy, gz, gse, gsi,
-                    full: bool) -> tuple[Tensor, Tensor]:
-    """Assemble the adjoint system J_v' w = dL/dv of the module docstring, padded to fixed sizes.
+# ------------------------------------------------------------------------------------------------
+# The adjoint system: its layout, its data, its assembly
+# ------------------------------------------------------------------------------------------------
+def _consecutive(*sizes: int) -> tuple[list[slice], int]:
+    """Slices of consecutive blocks of the given sizes, and their total size."""
+    blocks, start = [], 0
+    for size in sizes:
+        blocks.append(slice(start, start + size))
+        start += size
+    return blocks, start
 
-    Rows: (dx n, dy p, dz m, ds_eq p, ds_in m); columns: (w1 n, w2 p, w3 m, w5 n, w6 1). Inactive
-    rows of dz, non-violated rows of ds_in and their columns are zero, as are the ds_eq rows and the
-    w5, w6 columns of feasible problems: zero rows and columns do not change the minimum-norm
-    least-squares solution. With ``full=False`` (a batch of feasible problems only) just the
-    symmetric KKT block (first three row and column blocks) is built.
+
+class AdjointLayout(NamedTuple):
+    """Where each block of the adjoint system J_v' w = dL/dv (module docstring) sits: the one
+    definition of its column and row layout, for the code that assembles the system and the code
+    that reads its solution.
+
+    Columns, the unknowns: w1 (n), w2 (p), w3 (m), and for a closest-feasible system w5 (n),
+    omega (d; w6 = N omega, :func:`_shift_geometry`) and w7 (1). Rows, one block per derivative:
+    dx (n), dy (p), dz (m), and for a closest-feasible system ds_eq (p), ds_in (m) and dt (1). The
+    system of a SOLVED problem is the symmetric KKT system of the first three blocks of each; its
+    other blocks are empty slices at the end.
+
+    Build it with :meth:`kkt` or :meth:`closest_feasible`.
+    """
+
+    w1: slice
+    w2: slice
+    w3: slice
+    w5: slice
+    omega: slice
+    w7: slice
+    columns: int
+    dx: slice
+    dy: slice
+    dz: slice
+    ds_eq: slice
+    ds_in: slice
+    dt: slice
+    rows: int
+
+    @classmethod
+    def kkt(cls, n: int, p: int, m: int) -> "AdjointLayout":
+        """The layout of the symmetric KKT system of SOLVED problems ((n+p+m) x (n+p+m))."""
+        columns, K = _consecutive(n, p, m, 0, 0, 0)
+        rows, R = _consecutive(n, p, m, 0, 0, 0)
+        return cls(*columns, K, *rows, R)
+
+    @classmethod
+    def closest_feasible(cls, n: int, p: int, m: int, d: int) -> "AdjointLayout":
+        """The layout of the full system of closest-feasible problems, d the dimension of omega."""
+        columns, K = _consecutive(n, p, m, n, d, 1)
+        rows, R = _consecutive(n, p, m, p, m, 1)
+        return cls(*columns, K, *rows, R)
+
+
+class _Point(NamedTuple):
+    """The solution the map is linearized at, each (B,k) in the backward's dtype: x (B,n), y (B,p),
+    z (B,m), s_eq (B,p), s_in (B,m)."""
+
+    x: Tensor
+    y: Tensor
+    z: Tensor
+    s_eq: Tensor
+    s_in: Tensor
+
+
+class _OutputGrads(NamedTuple):
+    """The incoming gradients dL/dx (B,n), dL/dy (B,p), dL/dz (B,m), dL/ds_eq (B,p), dL/ds_in (B,m)
+    in the backward's dtype, zero where none was given."""
+
+    x: Tensor
+    y: Tensor
+    z: Tensor
+    s_eq: Tensor
+    s_in: Tensor
+
+
+class _Group(NamedTuple):
+    """A batch, or a sub-batch of it, with everything its adjoint systems are built from."""
+
+    problem: QPProblem
+    point: _Point
+    incoming: _OutputGrads
+    act: ActiveSet
+
+    def select(self, index: Tensor) -> "_Group":
+        """The sub-batch of the problems at ``index`` (1-D long tensor)."""
+        return _Group(self.problem.select(index), _Point(*(t[index] for t in self.point)),
+                      _OutputGrads(*(t[index] for t in self.incoming)), ActiveSet(*(t[index] for t in self.act)))
+
+
+class AdjointSystem(NamedTuple):
+    """One batch of adjoint systems M w = rhs, zero-padded to the batch's sizes.
+
+    Attributes:
+        M: (B,R,K) with R = layout.rows, K = layout.columns.  rhs: (B,R).
+        layout: the :class:`AdjointLayout` of M's rows and columns.
+        N: (B,p+m,d) the basis of w6 (w6 = N omega) on the rows [A; C], and c (B,n) the vector of
+            R6 (:func:`_shift_geometry`); both None for a KKT system.
+    """
+
+    M: Tensor
+    rhs: Tensor
+    layout: AdjointLayout
+    N: Optional[Tensor]
+    c: Optional[Tensor]
+
+
+class AdjointSolution(NamedTuple):
+    """The parts of the adjoint solution w that the input gradients are made of.
+
+    Attributes:
+        w1 (B,n), w2 (B,p), w3 (B,m) (zero off the active rows).
+        w5 (B,n), w6 (B,p+m) (on the rows [A; C], zero off the shifted rows) and c (B,n), the
+            vector of R6: all three None when no problem of the batch is closest-feasible, and
+            zero for SOLVED problems otherwise.
+    """
+
+    w1: Tensor
+    w2: Tensor
+    w3: Tensor
+    w5: Optional[Tensor] = None
+    w6: Optional[Tensor] = None
+    c: Optional[Tensor] = None
+
+
+def _multiplier_shift(act: ActiveSet, s_V: Tensor, w_V: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """R6's t and R7's row: w_V = G_V c + t s_V, with t > 0 only where the forward had to move the
+    multipliers along s to give a shifted row its bound's sign
+    (:func:`alqp.activity.closest_feasible_multipliers`); that row's z is then 0 (R7).
+
+    Args:
+        act: the batch's :class:`ActiveSet`.  s_V, w_V: (B,p+m) the shift and the multipliers on
+            the shifted rows (zero off them).  z: (B,m).
 
     Returns:
-        M (B,R,K), rhs (B,R), and N (B,p+m,d) and c (B,n) of :func:`_shift_geometry` (None for
-        ``full=False``).
+        t (B,) (0 where not pinned), pinned (B,) bool, and pin_row (B,m): one-hot on the row i*
+        whose multiplier t pins at zero, all zero where not pinned.
     """
-    H, A, C = P.H, P.A, P.C
-    B, n, p, m = P.batch_size, P.n, P.p, P.m
-    a, v = act.active, act.violated
-    At = A.transpose(-1, -2)
-    Ca = a.unsqueeze(-1) * C  # D_a C
-    Z = lambda r, c: H.new_zeros(B, r, c)  # noqa: E731
-    if not full:
-        M = torch.cat([
-            torch.cat([H, At, Ca.transpose(-1, -2)], -1),
-            torch.cat([A, Z(p, p), Z(p, m)], -1),
-            torch.cat([Ca, Z(m, p), Z(m, m)], -1),
-        ], -2)
-        rhs = torch.cat([gx, gy, a * gz], -1)
-        return M, rhs, None, None
-
-    phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
-    V = torch.cat([act.violated_eq, v], -1)  # the shifted rows, (B,k)
-    G = torch.cat([A, C], -2)
-    s_V = V * torch.cat([s_eq, s_in], -1)
-    w_V = V * torch.cat([y, z], -1)
-    # R6: w_V = G_V c + t s_V. t > 0 only where the forward had to move along s to give a shifted
-    # row its sign (activity.closest_feasible_multipliers); that row's z is then 0 (R7).
     s2 = (s_V * s_V).sum(-1)
     t = (w_V * s_V).sum(-1) / torch.where(s2 > 0, s2, torch.ones_like(s2))
     pinned = act.shifted & (t.abs() * s2 > 1e-6 * (w_V * s_V).abs().sum(-1)) & (s2 > 0)
     t = torch.where(pinned, t, torch.zeros_like(t))
-    candidates = torch.where(v > 0, z.abs(), torch.full_like(z, float("inf")))
-    pin_row = (torch.nn.functional.one_hot(candidates.argmin(-1), m).to(H.dtype) if m else z.new_zeros(B, 0))
-    pin_row = pin_row * pinned.to(H.dtype).unsqueeze(-1)
-    pin_col = pinned.to(H.dtype)[:, None, None]
+    B, m = z.shape
+    # The pinned row is the shifted inequality row with the smallest |z| (z_i* is 0 up to round-off).
+    candidates = torch.where(act.violated > 0, z.abs(), torch.full_like(z, float("inf")))
+    pin_row = torch.nn.functional.one_hot(candidates.argmin(-1), m).to(z.dtype) if m else z.new_zeros(B, 0)
+    return t, pinned, pin_row * pinned.to(z.dtype).unsqueeze(-1)
+
+
+def _fill_kkt(M: Tensor, blocks: AdjointLayout, H: Tensor, A: Tensor, C_active: Tensor) -> None:
+    """Write the symmetric KKT block [[H, A', C_J'], [A, 0, 0], [C_J, 0, 0]] into M (zeros there)."""
+    M[:, blocks.dx, blocks.w1] = H
+    M[:, blocks.dx, blocks.w2] = A.mT
+    M[:, blocks.dx, blocks.w3] = C_active.mT
+    M[:, blocks.dy, blocks.w1] = A
+    M[:, blocks.dz, blocks.w1] = C_active
+
+
+def _adjoint_system(group: _Group, full: bool) -> AdjointSystem:
+    """Assemble the adjoint systems J_v' w = dL/dv of the module docstring, zero-padded to the
+    batch's sizes, in the :class:`AdjointLayout`.
+
+    Inactive rows of dz, non-shifted rows of ds_eq and ds_in and their columns are zero, as is
+    every closest-feasible block of a SOLVED problem: zero rows and columns do not change the
+    minimum-norm least-squares solution. ``full=False`` (a batch of SOLVED problems) builds the
+    KKT system only.
+
+    Returns:
+        :class:`AdjointSystem` (B,R,K).
+    """
+    P, pt, grad, act = group
+    H, A, C = P.H, P.A, P.C
+    B, n, p, m = P.batch_size, P.n, P.p, P.m
+    a, v = act.active, act.violated
+    C_active = a.unsqueeze(-1) * C  # D_a C: the rows J, zero elsewhere
+    if not full:
+        blocks = AdjointLayout.kkt(n, p, m)
+        M = H.new_zeros(B, blocks.rows, blocks.columns)
+        _fill_kkt(M, blocks, H, A, C_active)
+        rhs = H.new_zeros(B, blocks.rows)
+        rhs[:, blocks.dx], rhs[:, blocks.dy], rhs[:, blocks.dz] = grad.x, grad.y, a * grad.z
+        return AdjointSystem(M, rhs, blocks, None, None)
+
+    phi = act.shifted.to(H.dtype).unsqueeze(-1)  # 1 for closest-feasible problems
+    V = torch.cat([act.violated_eq, v], -1)  # the shifted rows of [A; C], (B,p+m)
+    s_V = V * torch.cat([pt.s_eq, pt.s_in], -1)
+    w_V = V * torch.cat([pt.y, pt.z], -1)
+    t, pinned, pin_row = _multiplier_shift(act, s_V, w_V, pt.z)
+    # R6's adjoint lies in null(G_V') (the dc rows of the module docstring): written w6 = N omega,
+    # with N a basis of that null space (usually of small dimension d), it drops the n dc rows and
+    # replaces the p + m w6 columns by d.
+    N, c = _shift_geometry(torch.cat([A, C], -2), V, w_V)
+    N_eq, N_in = N[:, :p], N[:, p:]
+    blocks = AdjointLayout.closest_feasible(n, p, m, N.shape[-1])
+    M = H.new_zeros(B, blocks.rows, blocks.columns)
+    _fill_kkt(M, blocks, H, A, C_active)
     eye_p = torch.eye(p, dtype=H.dtype, device=H.device).expand(B, p, p)
-    # R6's adjoint lies in null(G_V') (the dc rows of the module docstring): write it w6 = N omega
-    # with N a basis of that null space (usually of small dimension d), which drops the n dc rows
-    # and replaces the p + m w6 columns by d.
-    N, c = _shift_geometry(G, V, w_V)
-    d = N.shape[-1]
-    M = torch.cat([
-        # columns: w1 (R1), w2 (R2), w3 (R3), w5 (R5), omega (R6), w7 (R7)
-        torch.cat([H, At, Ca.transpose(-1, -2), Z(n, n), Z(n, d), Z(n, 1)], -1),  # dx
-        torch.cat([A, Z(p, p), Z(p, m), Z(p, n), N[:, :p], Z(p, 1)], -1),  # dy
-        torch.cat([Ca, Z(m, p), Z(m, m), Z(m, n), N[:, p:], pin_row.unsqueeze(-1)], -1),  # dz
-        torch.cat([Z(p, n), -phi.unsqueeze(-1) * eye_p, Z(p, m), phi.unsqueeze(-1) * A, -t[:, None, None] * N[:, :p], Z(p, 1)], -1),  # ds_eq
-        torch.cat([Z(m, n), Z(m, p), -torch.diag_embed(v), v.unsqueeze(-1) * C, -t[:, None, None] * N[:, p:], Z(m, 1)], -1),  # ds_in
-        torch.cat([Z(1, n), Z(1, p), Z(1, m), Z(1, n), -pin_col * vm(s_V, N).unsqueeze(-2), Z(1, 1)], -1),  # dt
-    ], -2)
-    rhs = torch.cat([gx, gy, a * gz, phi * gse, v * gsi, H.new_zeros(B, 1)], -1)
-    return M, rhs, N, c
+    minus_t = -t[:, None, None]
+    M[:, blocks.dy, blocks.omega] = N_eq
+    M[:, blocks.dz, blocks.omega] = N_in
+    M[:, blocks.dz, blocks.w7] = pin_row.unsqueeze(-1)
+    M[:, blocks.ds_eq, blocks.w2] = -phi.unsqueeze(-1) * eye_p
+    M[:, blocks.ds_eq, blocks.w5] = phi.unsqueeze(-1) * A
+    M[:, blocks.ds_eq, blocks.omega] = minus_t * N_eq
+    M[:, blocks.ds_in, blocks.w3] = -torch.diag_embed(v)
+    M[:, blocks.ds_in, blocks.w5] = v.unsqueeze(-1) * C
+    M[:, blocks.ds_in, blocks.omega] = minus_t * N_in
+    M[:, blocks.dt, blocks.omega] = -pinned.to(H.dtype)[:, None, None] * vm(s_V, N).unsqueeze(-2)
+    rhs = H.new_zeros(B, blocks.rows)
+    rhs[:, blocks.dx], rhs[:, blocks.dy], rhs[:, blocks.dz] = grad.x, grad.y, a * grad.z
+    rhs[:, blocks.ds_eq], rhs[:, blocks.ds_in] = phi * grad.s_eq, v * grad.s_in
+    return AdjointSystem(M, rhs, blocks, N, c)
 
 
 def _shift_geometry(G: Tensor, V: Tensor, w_V: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -601,10 +789,217 @@ def _shift_geometry(G: Tensor, V: Tensor, w_V: Tensor, rtol: float = 1e-6) -> tu
     return N, c
 
 
-def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = None, grad_y: Optional[Tensor] = None,
-                      grad_z: Optional[Tensor] = None, grad_s_eq: Optional[Tensor] = None,
-                      grad_s_in: Optional[Tensor] = None, settings: Optional[Settings] = None,
-                      active_tol: Optional[float] = None, factor=None) -> dict:
+# ------------------------------------------------------------------------------------------------
+# Solving the adjoint systems
+# ------------------------------------------------------------------------------------------------
+def _factor_rows(factor: LeastDistanceFactor, index: Optional[Tensor]) -> LeastDistanceFactor:
+    """The factor of the problems at ``index`` (None: all); tensors shared by the batch (batch size
+    1) stay shared."""
+    if index is None:
+        return factor
+    return LeastDistanceFactor(*(t if t.shape[0] == 1 else t[index] for t in factor))
+
+
+def _compose(outer: Optional[Tensor], inner: Tensor) -> Tensor:
+    """The index into the batch of the problems ``inner`` of the sub-batch ``outer`` (None: all)."""
+    return inner if outer is None else outer[inner]
+
+
+def _solve_factored(group: _Group, factor: LeastDistanceFactor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`kkt_solve_factored` on a group of SOLVED problems, ``factor`` restricted to it:
+    w1 (B,n), w2 (B,p), w3 (B,m), solved (B,) bool."""
+    P, grad = group.problem, group.incoming
+    return kkt_solve_factored(factor, P.H, P.A, P.C, group.act.active, grad.x, grad.y, grad.z)
+
+
+def _solve_direct(group: _Group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`kkt_solve_direct` on a group of SOLVED problems: w1 (B,n), w2 (B,p), w3 (B,m),
+    solved (B,) bool."""
+    P, grad, a = group.problem, group.incoming, group.act.active
+    G = torch.cat([P.A, a.unsqueeze(-1) * P.C], -2)  # the rows [A; C_J], inactive rows zero
+    w1, w23, solved = kkt_solve_direct(P.H, G, grad.x, torch.cat([grad.y, a * grad.z], -1))
+    return w1, w23[:, :P.p], w23[:, P.p:], solved
+
+
+def _solve_feasible(group: _Group, factor: Optional[LeastDistanceFactor], index: Optional[Tensor],
+                    batch_size: int) -> AdjointSolution:
+    """The adjoint (KKT) systems of a group of SOLVED problems, cheapest method first.
+
+    Most are nonsingular: those the forward's factorization covers get :func:`kkt_solve_factored`,
+    the others (and those it reports unsolved) :func:`kkt_solve_direct`; the singular rest (LPs,
+    degenerate or dependent active rows) the least-squares solution of :func:`lstsq_min_norm`.
+
+    Args:
+        group: the problems, (B_g, ...).
+        factor: the forward's factor of the whole batch (on the CPU, as the data), or None.
+        index: (B_g,) the group's problems in the batch, None when it is the whole batch.
+        batch_size: the batch's size B.
+
+    Returns:
+        :class:`AdjointSolution` without its closest-feasible parts.
+    """
+    P, a = group.problem, group.act.active
+    count = P.batch_size
+    usable = np.zeros(count, dtype=bool)
+    if factor is not None:
+        usable = factor.usable.expand(batch_size).numpy()
+        usable = usable if index is None else usable[index.numpy()]
+    if usable.all():  # (the common case: no index juggling)
+        w1, w2, w3, solved = _solve_factored(group, _factor_rows(factor, index))
+    else:
+        w1, w2, w3 = P.H.new_zeros(count, P.n), P.H.new_zeros(count, P.p), P.H.new_zeros(count, P.m)
+        solved = torch.zeros(count, dtype=torch.bool, device=w1.device)
+        pick = torch.from_numpy(np.flatnonzero(usable))
+        if pick.numel():
+            picked = _solve_factored(group.select(pick), _factor_rows(factor, _compose(index, pick)))
+            w1[pick], w2[pick], w3[pick], solved[pick] = picked
+    if not bool(solved.all()):
+        rest = (~solved).nonzero().squeeze(-1)
+        if rest.numel() == count:  # (none solved yet, as without a factor: no index juggling)
+            w1, w2, w3, solved = _solve_direct(group)
+        else:
+            w1[rest], w2[rest], w3[rest], solved[rest] = _solve_direct(group.select(rest))
+        rest = (~solved).nonzero().squeeze(-1)
+        if rest.numel():
+            system = _adjoint_system(group.select(rest), full=False)
+            w = lstsq_min_norm(system.M, system.rhs)
+            blocks = system.layout
+            w1[rest], w2[rest], w3[rest] = w[:, blocks.w1], w[:, blocks.w2], w[:, blocks.w3]
+    return AdjointSolution(w1, w2, w3 * a)
+
+
+def _solve_closest_feasible(group: _Group) -> AdjointSolution:
+    """The full adjoint systems of a group of closest-feasible problems, by :func:`lstsq_svd`
+    (they can be nonsingular with singular values far below what :func:`lstsq_min_norm` resolves).
+
+    Returns:
+        :class:`AdjointSolution` (B_g, ...), with its closest-feasible parts.
+    """
+    act = group.act
+    system = _adjoint_system(group, full=True)
+    w = lstsq_svd(system.M, system.rhs)
+    blocks = system.layout
+    V = torch.cat([act.violated_eq, act.violated], -1)
+    w6 = V * vm(w[:, blocks.omega], system.N.mT)
+    return AdjointSolution(w[:, blocks.w1], w[:, blocks.w2], w[:, blocks.w3] * act.active, w[:, blocks.w5], w6,
+                           system.c)
+
+
+def _solve_adjoint(batch: _Group, factor: Optional[LeastDistanceFactor], all_feasible: bool,
+                   any_shifted: bool) -> AdjointSolution:
+    """The adjoint solution of every problem of the batch, zero for problems without a solution.
+
+    SOLVED problems need only the symmetric KKT system (:func:`_solve_feasible`), closest-feasible
+    ones the full system (:func:`_solve_closest_feasible`): each kind is solved as one group.
+
+    Args:
+        batch: the whole batch (B).  factor: see :func:`_solve_feasible`.
+        all_feasible: every problem is SOLVED.  any_shifted: some problem is closest-feasible.
+
+    Returns:
+        :class:`AdjointSolution` (B, ...); its closest-feasible parts are None unless ``any_shifted``.
+    """
+    P, act = batch.problem, batch.act
+    B = P.batch_size
+    if all_feasible:  # (the common case: one group, no scatter)
+        return _solve_feasible(batch, factor, None, B)
+    w1, w2, w3 = P.H.new_zeros(B, P.n), P.H.new_zeros(B, P.p), P.H.new_zeros(B, P.m)
+    w5 = w6 = c = None
+    if any_shifted:
+        w5, w6, c = P.H.new_zeros(B, P.n), P.H.new_zeros(B, P.p + P.m), P.H.new_zeros(B, P.n)
+    for members, full in ((act.feasible, False), (act.shifted, True)):
+        if full and not any_shifted:
+            continue
+        index = members.nonzero().squeeze(-1)
+        if index.numel() == 0:
+            continue
+        whole = index.numel() == B
+        group = batch if whole else batch.select(index)
+        part = _solve_closest_feasible(group) if full else _solve_feasible(group, factor, None if whole else index, B)
+        if whole:
+            w1, w2, w3 = part.w1, part.w2, part.w3
+        else:
+            w1[index], w2[index], w3[index] = part.w1, part.w2, part.w3
+        if full:
+            w5[index], w6[index], c[index] = part.w5, part.w6, part.c
+    return AdjointSolution(w1, w2, w3, w5, w6, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# From the adjoint solution to the input gradients
+# ------------------------------------------------------------------------------------------------
+def _input_gradients(point: _Point, act: ActiveSet, adjoint: AdjointSolution) -> dict[str, Tensor]:
+    """dL/d(H, g, A, b, C, l, u) read off J_theta (module docstring), batched, in the point's dtype.
+
+    dL/dH, dL/dA and dL/dC are sums of outer products with the same right factors x and w1 (and
+    w5, c for closest-feasible problems): one (B, r, J) @ (B, J, n) product per gradient, one pass
+    over its output. At batch 1 a single product makes all three (its slices are then contiguous,
+    so autograd takes them as they are; at larger B it would copy them).
+    """
+    x, y, z, s_eq, s_in = point
+    w1, w2, w3 = adjoint.w1, adjoint.w2, adjoint.w3
+    B, n = x.shape
+    p = y.shape[-1]
+    right = [x, w1]
+    A_left, C_left = [w2, y], [w3, z]
+    if adjoint.w5 is not None:  # the closest-feasible terms (zero for SOLVED problems)
+        s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
+        right = right + [adjoint.w5, adjoint.c]
+        A_left = A_left + [s_eq_used, -adjoint.w6[:, :p]]
+        C_left = C_left + [act.violated * s_in, -adjoint.w6[:, p:]]
+    right, H_left = torch.stack(right, -2), torch.stack([w1, x], -1)
+    A_left, C_left = torch.stack(A_left, -1), torch.stack(C_left, -1)
+    if B == 1:
+        H_left = torch.nn.functional.pad(H_left, (0, right.shape[-2] - 2))  # (zero weight on w5, c)
+        outer = torch.bmm(torch.cat([H_left, A_left, C_left], -2), right).neg_()  # (1, n+p+m, n)
+        dH, dA, dC = outer[:, :n], outer[:, n:n + p], outer[:, n + p:]
+    else:
+        dH = torch.bmm(H_left, right[:, :2]).neg_()
+        dA, dC = torch.bmm(A_left, right).neg_(), torch.bmm(C_left, right).neg_()
+    return {
+        "H": dH.mul_(0.5),
+        "g": -w1,
+        "A": dA,
+        "b": w2,
+        "C": dC,
+        "l": act.lower * w3,  # (0 at infinite bounds: classify_rows gives them no weight)
+        "u": act.upper * w3,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The backward
+# ------------------------------------------------------------------------------------------------
+def _keep_rows(t: Tensor, keep: Tensor) -> Tensor:
+    """``t`` (B, ...) with the rows where ``keep`` (B,) is False set to zero."""
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+
+
+def _promote(problem: QPProblem, solution: QPSolution, incoming: tuple[Optional[Tensor], ...]
+             ) -> tuple[QPProblem, _Point, _OutputGrads]:
+    """The problem, the solution and the incoming gradients (None: zero) in :data:`WORK_DTYPE`,
+    the gradients materialized with the batch's shapes."""
+    P = problem if problem.H.dtype == WORK_DTYPE else QPProblem(
+        **{k: as_dtype(t, WORK_DTYPE) for k, t in problem.tensors().items()},
+        batched=problem.batched, unbatched=problem.unbatched)
+    B = P.batch_size
+    point = _Point(*(as_dtype(t, WORK_DTYPE) for t in (solution.x, solution.y, solution.z, solution.s_eq,
+                                                       solution.s_in)))
+    grads = []
+    for gradient, k in zip(incoming, (P.n, P.p, P.m, P.p, P.m)):
+        if gradient is None:
+            grads.append(P.H.new_zeros(B, k))
+        else:
+            gradient = as_dtype(gradient, WORK_DTYPE)
+            grads.append(gradient if gradient.shape == (B, k) else gradient.expand(B, k))
+    return P, point, _OutputGrads(*grads)
+
+
+def implicit_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Tensor] = None,
+                      grad_y: Optional[Tensor] = None, grad_z: Optional[Tensor] = None,
+                      grad_s_eq: Optional[Tensor] = None, grad_s_in: Optional[Tensor] = None,
+                      settings: Optional[Settings] = None, active_tol: Optional[float] = None,
+                      factor: Optional[LeastDistanceFactor] = None) -> dict[str, Tensor]:
     """Gradients of a loss with respect to the QP data, by implicit differentiation.
 
     See the module docstring for the equations. Problems whose status carries no solution
@@ -630,137 +1025,22 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
     """
     out_dtype = problem.H.dtype
     tol = active_tol if active_tol is not None else activity_tol(out_dtype, settings)
-    P = problem if out_dtype == WORK_DTYPE else QPProblem(
-        **{k: as_dtype(t, WORK_DTYPE) for k, t in problem.tensors().items()},
-        batched=problem.batched, unbatched=problem.unbatched)
-    B, n, p, m = P.batch_size, P.n, P.p, P.m
-    x, y, z, s_eq, s_in = (as_dtype(t, WORK_DTYPE) for t in (solution.x, solution.y, solution.z,
-                                                     solution.s_eq, solution.s_in))
     status = solution.status
-
-    def grad_or_zero(gr, k):
-        if gr is None:
-            return P.H.new_zeros(B, k)
-        gr = as_dtype(gr, WORK_DTYPE)
-        return gr if gr.shape == (B, k) else gr.expand(B, k)
-
-    gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
-    gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
-    (gx, gy, gz, gse, gsi), nan_rows = screen_incoming(status, (gx, gy, gz, gse, gsi), settings)
-
+    P, point, incoming = _promote(problem, solution, (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in))
+    incoming, nan_rows = screen_incoming(status, incoming, settings)
     if factor is not None and factor.L.device != P.H.device:
         factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
-    act = classify_rows(P, x, y, z, s_eq, s_in, status, tol)
+    act = classify_rows(P, *point, status, tol)
     # (The statuses summed up once: each test is a device sync, and they add up at batch 1.)
     all_feasible = bool(act.feasible.all())
     any_shifted = not all_feasible and bool(act.shifted.any())
     ok = has_solution(status)
     all_ok = all_feasible or bool(ok.all())
-    # Keep non-finite values of problems that get no gradient out of the arithmetic.
-    fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
+    if not all_ok:  # keep the non-finite values of problems that get no gradient out of the arithmetic
+        point = _Point(*(_keep_rows(t, ok) for t in point))
+        incoming = [_keep_rows(t, ok) for t in incoming]
+    batch = _Group(P, point, _OutputGrads(*incoming), act)
+    grads = _input_gradients(point, act, _solve_adjoint(batch, factor, all_feasible, any_shifted))
     if not all_ok:
-        x, y, z, s_eq, s_in = map(fin, (x, y, z, s_eq, s_in))
-        gx, gy, gz, gse, gsi = map(fin, (gx, gy, gz, gse, gsi))
-
-    # Feasible problems need only the symmetric KKT block; closest-feasible ones the full system.
-    # A group is the whole batch (index None) or the problems at its index.
-    if all_feasible:
-        groups = [(None, False)]  # (the common case: the feasible group fills w1, w2, w3 as views)
-    else:
-        w1, w2, w3 = P.H.new_zeros(B, n), P.H.new_zeros(B, p), P.H.new_zeros(B, m)
-        groups = [(group.nonzero().squeeze(-1), full) for group, full in ((act.feasible, False), (act.shifted, True))
-                  if not full or any_shifted]
-    if any_shifted:
-        w5, w6, c = P.H.new_zeros(B, n), P.H.new_zeros(B, p + m), P.H.new_zeros(B, n)
-    for idx, full in groups:
-        if idx is not None and idx.numel() == 0:
-            continue
-        whole = idx is None or idx.numel() == B
-        sub = (lambda t: t) if whole else (lambda t: t[idx])  # noqa: E731
-        act_g = act if whole else ActiveSet(*(sub(t) for t in act))
-        P_g = P if whole else P.select(idx)
-        system = lambda: _adjoint_system(P_g, sub(x), sub(y), sub(z), sub(s_eq), sub(s_in), act_g,  # noqa: E731
-                                         sub(gx), sub(gy), sub(gz), sub(gse), sub(gsi), full)
-        if full:
-            M, rhs, N, c_g = system()
-            w = lstsq_svd(M, rhs)
-        else:
-            # Most feasible problems have a nonsingular KKT matrix: solve those directly (with the
-            # forward's factorization where it has one, else by a regularized factorization), the
-            # singular rest (LPs, degenerate or dependent active rows) in the least-squares sense.
-            a = act_g.active
-            count = B if whole else idx.numel()
-            # The problems the forward's factorization covers (a factor is on the CPU, as the data).
-            usable = np.zeros(count, dtype=bool)
-            if factor is not None:
-                usable = factor.usable.expand(B).numpy()
-                usable = usable if whole else usable[idx.numpy()]
-            every = bool(usable.all())  # (the common case: no index juggling)
-            if not every:
-                pick = torch.from_numpy(np.flatnonzero(usable))
-                w = P_g.H.new_zeros(count, n + p + m)
-                solved = torch.zeros(count, dtype=torch.bool, device=w.device)
-            if every or pick.numel():
-                take = (lambda t: sub(t)) if every else (lambda t: sub(t)[pick])  # noqa: E731
-                f_g = factor if every and whole else type(factor)(*(t if t.shape[0] == 1 else take(t) for t in factor))
-                w_f = kkt_solve_factored(f_g, take(P.H), take(P.A), take(P.C), take(act.active), take(gx),
-                                         take(gy), take(gz))
-                if every:
-                    w, solved = torch.cat(w_f[:3], -1), w_f[3]
-                else:
-                    w[pick], solved[pick] = torch.cat(w_f[:3], -1), w_f[3]
-            rest = (~solved).nonzero().squeeze(-1) if not bool(solved.all()) else None
-            if rest is not None and rest.numel():
-                G_r = torch.cat([P_g.A[rest], a[rest].unsqueeze(-1) * P_g.C[rest]], -2)
-                w1_r, w23_r, solved_r = kkt_solve_direct(P_g.H[rest], G_r, sub(gx)[rest],
-                                                         torch.cat([sub(gy)[rest], a[rest] * sub(gz)[rest]], -1))
-                w[rest] = torch.cat([w1_r, w23_r], -1)
-                solved[rest] = solved_r
-                rest = (~solved).nonzero().squeeze(-1)
-            if rest is not None and rest.numel():
-                M, rhs, _, _ = system()
-                w[rest] = lstsq_min_norm(M[rest], rhs[rest])
-        if whole:  # (views, no scatter: the common case of one group)
-            w1, w2, w3 = w[:, :n], w[:, n:n + p], w[:, n + p:n + p + m] * act_g.active
-        else:
-            w1[idx] = w[:, :n]
-            w2[idx] = w[:, n:n + p]
-            w3[idx] = w[:, n + p:n + p + m] * act_g.active
-        if full:
-            w5[idx] = w[:, n + p + m:n + p + m + n]
-            V = torch.cat([act_g.violated_eq, act_g.violated], -1)
-            w6[idx] = V * vm(w[:, 2 * n + p + m:2 * n + p + m + N.shape[-1]], N.transpose(-1, -2))
-            c[idx] = c_g
-
-    # dL/dH, dL/dA and dL/dC are sums of outer products with the same right factors x and w1 (and
-    # w5, c for closest-feasible problems): one (B, r, J) @ (B, J, n) product per gradient, one pass
-    # over its output. At batch 1 a single product makes all three (its slices are then contiguous,
-    # so autograd takes them as they are; at larger B it would copy them).
-    right = [x, w1]
-    A_left, C_left = [w2, y], [w3, z]
-    if any_shifted:  # the closest-feasible terms (zero for SOLVED problems)
-        s_eq_used = torch.where(act.shifted.unsqueeze(-1), s_eq, torch.zeros_like(s_eq))
-        right = right + [w5, c]
-        A_left = A_left + [s_eq_used, -w6[:, :p]]
-        C_left = C_left + [act.violated * s_in, -w6[:, p:]]
-    right, H_left = torch.stack(right, -2), torch.stack([w1, x], -1)
-    A_left, C_left = torch.stack(A_left, -1), torch.stack(C_left, -1)
-    if B == 1:
-        H_left = torch.nn.functional.pad(H_left, (0, right.shape[-2] - 2))  # (zero weight on w5, c)
-        outer = torch.bmm(torch.cat([H_left, A_left, C_left], -2), right).neg_()  # (1, n+p+m, n)
-        dH, dA, dC = outer[:, :n], outer[:, n:n + p], outer[:, n + p:]
-    else:
-        dH = torch.bmm(H_left, right[:, :2]).neg_()
-        dA, dC = torch.bmm(A_left, right).neg_(), torch.bmm(C_left, right).neg_()
-    grads = {
-        "H": dH.mul_(0.5),
-        "g": -w1,
-        "A": dA,
-        "b": w2,
-        "C": dC,
-        "l": act.lower * w3,  # (0 at infinite bounds: classify_rows gives them no weight)
-        "u": act.upper * w3,
-    }
-    if not all_ok:
-        grads = {k: fin(v) for k, v in grads.items()}
+        grads = {k: _keep_rows(v, ok) for k, v in grads.items()}
     return mark_nan({k: as_dtype(v, out_dtype) for k, v in grads.items()}, nan_rows)
