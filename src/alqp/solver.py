@@ -763,11 +763,6 @@ def _dual_infeasible(w: _Work, dx: Tensor, tol: float, structure: "_Structure") 
     return certified
 
 
-#: Newton systems with mu * rho below this are refined (their condition number is about 1/(mu rho)),
-#: by REFINE_STEPS steps of iterative refinement.
-STIFF_NEWTON = 1e-8
-REFINE_STEPS = 3
-
 # What _newton_inner reads and writes of the working set (the fields a compacted copy carries).
 _NEWTON_FIELDS = ("H", "g", "G", "GT", "lo", "hi", "mu_eq", "mu_in", "eta_in", "x", "mult", "rho",
                   "factor", "factor_rows", "factor_mu", "factor_valid", "newton_eq", "newton_eq_mu",
@@ -900,19 +895,6 @@ def _newton_inner(w: _Work, is_eq: Tensor, Hx: Tensor, Gx: Tensor, eye: Tensor, 
         dx = torch.where(moving, dx, torch.zeros_like(dx))
         Hdx = _H_times(dx, w.H, structure)
         Gdx = vm(dx, w.GT)
-        # Iterative refinement: the Newton matrix H + rho I + G'WG/mu has a condition number of
-        # order |G|^2 / (mu rho) (the data are equilibrated), and once that nears 1/eps its
-        # Cholesky solve alone misses the step by enough that a "full step" stops the inner loop
-        # with the gradient far above eta_in: the ALM then cycles between two points (Maros-
-        # Meszaros QSCAGR7). Only the stiff problems are refined: it costs a product with H and G.
-        stiff = moving & (mu_pair.amin(-1) * w.rho < STIFF_NEWTON).unsqueeze(-1)
-        weight = rows.to(x.dtype) / mu
-        for _ in range(REFINE_STEPS if bool(stiff.any()) else 0):
-            residual = -grad - (Hdx + rho * dx + vm(weight * Gdx, w.G))
-            correction = torch.where(stiff, cholesky_solve_rows(w.factor, residual), torch.zeros_like(dx))
-            dx = dx + correction
-            Hdx = Hdx + _H_times(correction, w.H, structure)
-            Gdx = Gdx + vm(correction, w.GT)
         alpha = _exact_line_search(
             w.lo, w.hi, is_eq, v, Gdx, mu,
             a0=(dx * (Hx + w.g + rho * (x - x_k))).sum(-1),
