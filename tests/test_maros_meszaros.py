@@ -80,3 +80,17 @@ def test_solved_meets_own_tolerance(solver, name, reference, keep_threads):
     assert rec["objective_error"] <= mm.OBJ_TOL, \
         f"{name}: SOLVED with objective {rec['objective']!r}, reference {reference[name]!r} " \
         f"(relative error {rec['objective_error']:.1e})"
+
+
+# The ALM solved none of these before: PRIMALC5 ended DUAL_INFEASIBLE (it has a solution) with
+# unscaled rows, VALUES (smallest eigenvalue of H about -1.3e-5) ended NON_CONVEX. They now go
+# through the row-equilibrated retry and the raised proximal weight of alqp.solver; each takes
+# about a second here.
+@pytest.mark.parametrize("name", ["PRIMALC5", "VALUES"])
+def test_alm_solves_formerly_failed(name, reference, keep_threads):
+    problem = mm.load_problem(DATA / f"{name}.mat")
+    answer = mm.solve(problem, "alqp-alm", EPS, max_seconds=60.0, min_time=0.0, max_repeats=1)
+    assert answer["error"] is None, answer["error"]
+    assert answer["success"], f"{name}: status {answer['status']}"
+    rec = mm.judge(problem, answer, reference[name])
+    assert rec["relative_pass"], {k: rec[k] for k in ("primal", "dual", "gap", "objective_error")}
