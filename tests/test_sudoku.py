@@ -215,3 +215,27 @@ def test_capture_and_diagnosis_agree_with_qpth(tmp_path, one_thread):
         assert r["gradients"]["norm_ratio_alqp_over_qpth"] == pytest.approx(20, rel=0.05)
         assert r["gradients"]["cosine"]["alqp_vs_captured"] > 1 - 1e-9
     assert (tmp_path / "diag" / "diagnose_jumps.json").exists() and (tmp_path / "diag" / "diagnose_jumps.png").exists()
+
+
+@pytest.mark.parametrize("engine", ["active_set", "alm"])
+@pytest.mark.parametrize("eps_abs", [1e-6, 1e-9])
+def test_small_positive_slack_is_not_active_at_a_loose_tolerance(engine, eps_abs):
+    """A bound x_i >= 0 with slack 5e-7, below eps_abs = 1e-6 but real (both engines answer to far
+    better than that here), is inactive: dx_0/dg_0 is -1/H_00 as central finite differences say,
+    not 0 as it was when the backward counted every row within eps_abs of its bound as active
+    (OptNet's Sudoku QP had such an x_i, see docs/results/sudoku-jumps.md)."""
+    H = 0.1 * torch.eye(2, dtype=torch.float64)
+    C, l = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    u = torch.full((2,), float("inf"), dtype=torch.float64)
+    settings = train.alqp.Settings(eps_abs=eps_abs, engine=engine)
+
+    def x0(g):
+        return train.alqp.solve_qp(H, g, None, None, C, l, u, settings=settings).x[0]
+
+    g = torch.tensor([-0.1 * 5e-7, -0.1], dtype=torch.float64, requires_grad=True)
+    x0(g).backward()
+    h = 1e-9  # moves x_0 by 1e-8: its bound stays inactive
+    with torch.no_grad():
+        fd = (x0(g + torch.tensor([h, 0.0], dtype=torch.float64)) - x0(g - torch.tensor([h, 0.0], dtype=torch.float64))) / (2 * h)
+    assert float(fd) == pytest.approx(-10.0, rel=1e-3)
+    assert float(g.grad[0]) == pytest.approx(float(fd), rel=1e-3)

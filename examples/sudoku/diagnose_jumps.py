@@ -141,6 +141,10 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--fd-steps", default="1e-3,1e-4,1e-5,1e-6", help="finite-difference steps h")
     p.add_argument("--out", default="results/sudoku-jumps")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tolerance-sweep", type=int, default=0, metavar="EVERY",
+                   help="instead: every EVERY-th captured step, the batch gradient at eps_abs 1e-6 against 1e-9 "
+                        "(same parameters), and for the batch that differs most, its puzzles against qpth and "
+                        "finite differences; writes <out>/tolerance_sweep.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -151,6 +155,14 @@ def main(argv: Optional[list] = None) -> dict:
     data = load_or_generate(run["train"] + run["test"], n, run["seed"], run["data_cache"], run["max_blanks"])
     train = SudokuData(data.puzzles[:run["train"]], data.solutions[:run["train"]])
     test = SudokuData(data.puzzles[run["train"]:], data.solutions[run["train"]:])
+    if args.tolerance_sweep:
+        sweep = tolerance_sweep(steps, run, train, args.tolerance_sweep)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tolerance_sweep.json"), "w") as f:
+            json.dump(sweep, f, indent=1)
+        print(json.dumps(sweep["worst"], indent=1))
+        print(f"wrote {args.out}/tolerance_sweep.json")
+        return sweep
     params_after = [steps[i + 1]["params"] for i in range(len(steps) - 1)] + [cap["final"]]
     per_epoch = max(st["step"] for st in steps) + 1
 
@@ -299,6 +311,97 @@ def compare(step: int, steps: list, states: list, run: dict, train: SudokuData, 
             "qpth": {k: float((1e-8 * B / v.sqrt().clamp_min(1e-300)).median()) for k, v in vhat.items()}}
     if per_puzzle:
         result["per_puzzle"] = per_puzzle_gradients(st["params"], run, puzzles, target, hs)
+    return result
+
+
+def tolerance_sweep(steps: list, run: dict, train: SudokuData, every: int, loose: float = 1e-6,
+                    tight: float = 1e-9) -> dict:
+    """Does the backward depend on eps_abs where the answers do not? Every ``every``-th step: the
+    batch gradient with eps_abs ``loose`` against ``tight`` (same parameters and QPs), and how many
+    puzzles have an x_i in (1e-10, loose]. For the batch that differs most: each puzzle's gradient at
+    both tolerances against qpth's (times B) and, for the puzzle that differs most, central finite
+    differences along its ``tight`` gradient and one-sided ones along the difference."""
+    from tqdm import tqdm
+
+    def grads_at(eps, st, puzzles, target):
+        r = dict(run, eps_abs=eps)
+        _, g, out = batch_loss_and_grads(make_model("optnet", r, st["params"]), puzzles, target)
+        return flat(g), out.x.detach().reshape(puzzles.shape[0], -1)
+
+    rows = []
+    for i in tqdm(range(0, len(steps), every), desc="tolerance sweep"):
+        st = steps[i]
+        puzzles, target = train.puzzles[st["idx"]], train.solutions[st["idx"]]
+        g_loose, x = grads_at(loose, st, puzzles, target)
+        g_tight, _ = grads_at(tight, st, puzzles, target)
+        rows.append({"step": i, "epoch": st["epoch"],
+                     "puzzles_with_small_x": int(((x > 1e-10) & (x <= loose)).any(1).sum()),
+                     "grad_rel_diff": float((g_loose - g_tight).norm() / g_tight.norm()),
+                     "cosine": cosine(g_loose, g_tight)})
+    worst = max(rows, key=lambda r: r["grad_rel_diff"])
+    result = {"loose": loose, "tight": tight, "every": every, "rows": rows,
+              "batches_differing": sum(r["grad_rel_diff"] > 1e-9 for r in rows), "worst": worst}
+    if worst["grad_rel_diff"] <= 1e-9:
+        return result
+    st = steps[worst["step"]]
+    puzzles, target = train.puzzles[st["idx"]], train.solutions[st["idx"]]
+    B = puzzles.shape[0]
+
+    def per_puzzle(solver, eps):
+        model = make_model(solver, dict(run, eps_abs=eps), st["params"])
+        out, xs = [], []
+        for k in range(B):
+            model.zero_grad()
+            o = model(puzzles[k:k + 1])
+            (torch.nn.functional.mse_loss(o.x, target[k:k + 1]) / B).backward()
+            out.append(torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())]).clone())
+            xs.append(o.x.detach().reshape(-1))
+        return torch.stack(out), torch.stack(xs)
+
+    g_l, _ = per_puzzle("optnet", loose)
+    g_t, xs = per_puzzle("optnet", tight)
+    g_q, _ = per_puzzle("qpth", tight)  # qpth's per-puzzle gradient of loss/B: same scale at batch 1
+    k = int((g_l - g_t).norm(dim=1).argmax())
+    x = xs[k]
+    shapes = {name: p.shape for name, p in make_model("optnet", run, st["params"]).named_parameters()}
+
+    def split(v):
+        out, offset = {}, 0
+        for name in sorted(shapes):
+            size = int(torch.tensor(shapes[name]).prod())
+            out[name] = v[offset:offset + size].reshape(shapes[name])
+            offset += size
+        return out
+
+    fd_model = build_model("optnet", run["box"], settings=alqp.Settings(eps_abs=1e-11, mu_min=run["mu_min"],
+                                                                         rho=run["rho"], max_iter=1000),
+                           q_penalty=run["q_penalty"])
+
+    @torch.no_grad()
+    def loss_at(prm):
+        for name, p in fd_model.named_parameters():
+            p.copy_(prm[name])
+        return torch.nn.functional.mse_loss(fd_model(puzzles[k:k + 1]).x, target[k:k + 1]).item() / B
+
+    hs = [1e-4, 1e-5, 1e-6, 1e-7]
+    unit = g_t[k] / g_t[k].norm()
+    diff = (g_l[k] - g_t[k]) / (g_l[k] - g_t[k]).norm()
+    base = loss_at(st["params"])
+    one_sided = []
+    for h in hs:
+        plus = loss_at({name: st["params"][name] + h * d for name, d in split(diff).items()})
+        minus = loss_at({name: st["params"][name] - h * d for name, d in split(diff).items()})
+        one_sided.append({"h": h, "forward": (plus - base) / h, "backward": (base - minus) / h})
+    result["worst_puzzle"] = {
+        "puzzle": k, "small_x": x[(x > 1e-10) & (x <= loose)].tolist(),
+        "norm": {"loose": float(g_l[k].norm()), "tight": float(g_t[k].norm()), "qpth": float(g_q[k].norm())},
+        "cosine_with_qpth": {"loose": cosine(g_l[k], g_q[k]), "tight": cosine(g_t[k], g_q[k])},
+        "fd_along_tight": {"h": hs, "fd": finite_difference(loss_at, st["params"], split(unit), hs),
+                           "predicts": {"loose": float(g_l[k] @ unit), "tight": float(g_t[k] @ unit),
+                                        "qpth": float(g_q[k] @ unit)}},
+        "fd_along_difference": {"one_sided": one_sided,
+                                "predicts": {"loose": float(g_l[k] @ diff), "tight": float(g_t[k] @ diff),
+                                             "qpth": float(g_q[k] @ diff)}}}
     return result
 
 

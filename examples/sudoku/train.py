@@ -259,7 +259,8 @@ def parse_args(argv: Optional[list] = None):
                         "gradient scale: qpth returns the batch mean of a shared parameter's gradient, alqp the sum)")
     p.add_argument("--clip-outliers", type=float, default=0.0,
                    help="clip each step's gradient norm to this many times the median of the last 100 steps' "
-                        "(0: off; 3 removes the jumps of OptNet's model, see docs/results/sudoku-jumps.md)")
+                        "(0: off; 3 halves the largest test-error spikes of OptNet's model over three seeds, see "
+                        "docs/results/sudoku-jumps.md)")
     p.add_argument("--capture", action="store_true",
                    help="save every training step (parameters before it, batch indices, gradients, update, "
                         "statuses) to <out>/capture-<model>.pt, for diagnose_jumps.py")

@@ -113,11 +113,11 @@ class ActiveSet(NamedTuple):
 
 
 def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Tensor, s_in: Tensor, status: Tensor,
-                  tol: float) -> ActiveSet:
+                  tol: float, bound_tol: Optional[float] = None) -> ActiveSet:
     """Decide the active and violated inequality rows of each solution.
 
-    A row is active when the shifted value C_i x - s_in,i lies within ``tol * (1 + |C_i||x| + |bound|)``
-    of a finite bound, or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
+    A row is active when the shifted value C_i x - s_in,i lies within ``bound_tol * (1 + |C_i||x| + |bound|)``
+    of a finite bound (``bound_tol`` defaults to ``tol``), or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
     |Hx|, |g|, |A'y|, |C'z|, +1) divided by |C_i|_inf. A row is violated when |s_in,i| exceeds the
     first tolerance (closest-feasible problems only; :func:`alqp.activity.shifted_rows`, which
     also tells the shifted equality rows); violated rows are active.
@@ -135,7 +135,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     # finite bound, where isfinite takes four operations.)
     fin_l, fin_u = l > -math.inf, u < math.inf
     absC = C.abs()
-    ptol = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
+    ptol = row_tolerance(C, l, u, x, tol if bound_tol is None else bound_tol, abs_M=absC, finite=(fin_l, fin_u))
     feasible = status == int(Status.SOLVED)
     shifted = status == int(Status.CLOSEST_FEASIBLE)
     any_shifted = bool(shifted.any())
@@ -642,7 +642,14 @@ def implicit_backward(problem: QPProblem, solution, grad_x: Optional[Tensor] = N
 
     if factor is not None and factor.L.device != P.H.device:
         factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
-    act = classify_rows(P, x, y, z, s_eq, s_in, status, tol)
+    # A row without a multiplier is on its bound only within round-off of the answer, not within the
+    # requested tolerance: an answer more accurate than eps_abs (the active-set engine's are exact)
+    # keeps a small but real slack, and counting that row as active returns the derivative of the
+    # neighbouring piece (OptNet's Sudoku QP at eps_abs 1e-6: x_i = 8.75e-7, the puzzle's gradient at
+    # cosine 0.06 with the true one; docs/results/sudoku-jumps.md). A row truly at its bound with a
+    # multiplier is still found by its multiplier, at ``tol``.
+    bound_tol = min(tol, 100 * torch.finfo(out_dtype).eps) if active_tol is None else tol
+    act = classify_rows(P, x, y, z, s_eq, s_in, status, tol, bound_tol)
     # (The statuses summed up once: each test is a device sync, and they add up at batch 1.)
     all_feasible = bool(act.feasible.all())
     any_shifted = not all_feasible and bool(act.shifted.any())
