@@ -18,6 +18,7 @@ the jump; gradient cosine and update size per step).
 
     python examples/sudoku/train.py --models optnet --capture --out results/jump-alqp   # about 5 min
     python examples/sudoku/diagnose_jumps.py --capture results/jump-alqp/capture-optnet.pt
+    python examples/sudoku/diagnose_jumps.py --capture ... --tolerance-sweep 10   # gradient at eps_abs 1e-6 vs 1e-9
 """
 from __future__ import annotations
 
