@@ -81,6 +81,27 @@ def evaluate(model: nn.Module, data: SudokuData, n: int, batch: int, rules: torc
     return total
 
 
+def clip_outlier_gradient(model: nn.Module, history: list, factor: float, warmup: int = 20,
+                          memory: int = 100) -> None:
+    """Scale the gradient down to ``factor`` times the median norm of the last ``memory`` steps.
+
+    Why: OptNet's Sudoku runs jump where a single batch's gradient is 5 to 10 times the usual one
+    (docs/results/sudoku-jumps.md); Adam's first moment then carries that batch's direction for
+    several steps while its second moment, averaged over about 1000 steps, hardly grows. The bound is
+    relative to the run's own gradients, so it does not depend on the loss's scale (qpth's mean
+    against alqp's sum of the shared parameters' gradients). Appends the unclipped norm to ``history``.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    if len(history) >= warmup:
+        recent = sorted(history[-memory:])
+        bound = factor * recent[len(recent) // 2]
+        if norm > bound:
+            for g in grads:
+                g.mul_(bound / norm)
+    history.append(norm)
+
+
 def train_one(name: str, args, train: SudokuData, test: SudokuData, settings: alqp.Settings) -> dict:
     """Train model ``name`` for ``args.epochs`` epochs; returns its per-epoch history."""
     from tqdm import tqdm
@@ -102,6 +123,10 @@ def train_one(name: str, args, train: SudokuData, test: SudokuData, settings: al
 
     log_epoch(0, {})
     g = torch.Generator().manual_seed(args.seed)
+    # --capture: per training step, the parameters before the step, the batch, the gradients and the
+    # update, so that diagnose_jumps.py can rebuild and re-solve exactly the QPs of any step.
+    capture = [] if args.capture else None
+    grad_norms = []  # the gradient norm of every step so far (before clipping), for --clip-outliers
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(train.puzzles.shape[0], generator=g)
         fwd, bwd, losses, errors, unsolved, retried = [], [], [], 0, 0, 0
@@ -115,9 +140,19 @@ def train_one(name: str, args, train: SudokuData, test: SudokuData, settings: al
             out = model(puzzles)
             loss = batch_loss(name, out, target, args.shift_weight)
             t1 = time.perf_counter()
-            loss.backward()
+            (loss * args.loss_scale).backward()
             t2 = time.perf_counter()
+            if args.clip_outliers:
+                clip_outlier_gradient(model, grad_norms, args.clip_outliers)
+            if capture is not None:
+                before = {k: p.detach().clone() for k, p in model.named_parameters()}
             optimizer.step()
+            if capture is not None:
+                capture.append({"epoch": epoch, "step": len(fwd), "idx": idx.clone(), "loss": loss.item(),
+                                "params": before,
+                                "grads": {k: p.grad.detach().clone() for k, p in model.named_parameters()},
+                                "update": {k: p.detach() - before[k] for k, p in model.named_parameters()},
+                                "status": out.status.clone(), "attempt": out.attempt.clone()})
             fwd.append(1e3 * (t1 - t0))
             bwd.append(1e3 * (t2 - t1))
             losses.append(loss.item())
@@ -128,6 +163,12 @@ def train_one(name: str, args, train: SudokuData, test: SudokuData, settings: al
         log_epoch(epoch, {"train_loss": sum(losses) / len(losses), "train_errors": errors,
                           "train_unsolved": unsolved, "train_retried": retried, "forward_ms": sum(fwd) / len(fwd),
                           "backward_ms": sum(bwd) / len(bwd), "forward_ms_all": fwd, "backward_ms_all": bwd})
+    if capture is not None:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"capture-{name}.pt")
+        torch.save({"model": name, "args": vars(args), "steps": capture,
+                    "final": {k: p.detach().clone() for k, p in model.named_parameters()}}, path)
+        tqdm.write(f"[{name}] captured {len(capture)} steps in {path}")
     return {"label": LABELS[name], "history": history}
 
 
@@ -212,6 +253,16 @@ def parse_args(argv: Optional[list] = None):
     p.add_argument("--seed", type=int, default=0, help="seed of the data, of A's initialization and of the batch order")
     p.add_argument("--out", default="results/sudoku", help="folder of sudoku.json and sudoku.png")
     p.add_argument("--data-cache", default=None, help="folder to memoize generated puzzles in")
+    p.add_argument("--loss-scale", type=float, default=1.0,
+                   help="multiply the training loss by this before backward (1/batch on alqp reproduces qpth's "
+                        "gradient scale: qpth returns the batch mean of a shared parameter's gradient, alqp the sum)")
+    p.add_argument("--clip-outliers", type=float, default=0.0,
+                   help="clip each step's gradient norm to this many times the median of the last 100 steps' "
+                        "(0: off; 3 halves the largest test-error spikes of OptNet's model over three seeds, see "
+                        "docs/results/sudoku-jumps.md)")
+    p.add_argument("--capture", action="store_true",
+                   help="save every training step (parameters before it, batch indices, gradients, update, "
+                        "statuses) to <out>/capture-<model>.pt, for diagnose_jumps.py")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (per-epoch lines only)")
     p.add_argument("--demo", action="store_true",
                    help="the README's short run: the LP model and OptNet's model on alqp, 9000 train / 1000 "

@@ -27,6 +27,17 @@ def activity_tol(dtype: torch.dtype, settings: Optional[Settings] = None) -> flo
     return resolve_tolerance(settings or Settings(), dtype).activity
 
 
+def bound_activity_tol(tol: float, dtype: torch.dtype) -> float:
+    """The tolerance within which a row *without* a multiplier counts as on its bound: round-off of
+    the answer (100 eps of ``dtype``), not the requested ``tol``. An answer more accurate than the
+    tolerance (the active-set engine's are exact) keeps a small but real slack, and counting that
+    row as active returns the derivative of the neighbouring piece: OptNet's Sudoku QP at
+    eps_abs 1e-6 had x_i = 8.75e-7 on a row so counted, and that puzzle's gradient at cosine 0.06
+    with finite differences and qpth (docs/results/sudoku-jumps.md). A row truly at its bound with
+    a multiplier is still found by its multiplier, at ``tol``."""
+    return min(tol, 100 * torch.finfo(dtype).eps)
+
+
 def row_tolerance(M: Tensor, lo: Tensor, hi: Tensor, x: Tensor, tol: float, abs_M: Optional[Tensor] = None,
                   finite: Optional[tuple] = None) -> Tensor:
     """(B,k) ``tol * (1 + |M_i||x| + |finite bound_i|)``: the absolute tolerance of each row

@@ -95,7 +95,7 @@ from torch import Tensor
 from alqp.linalg import (as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes, solve_triangular_rows, vm,
                          vm_host)
 from alqp.active_set import LeastDistanceFactor
-from alqp.activity import activity_tol, row_tolerance, shifted_rows
+from alqp.activity import activity_tol, bound_activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
@@ -130,11 +130,12 @@ class ActiveSet(NamedTuple):
 
 
 def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Tensor, s_in: Tensor, status: Tensor,
-                  tol: float) -> ActiveSet:
+                  tol: float, bound_tol: Optional[float] = None) -> ActiveSet:
     """Decide the active and violated inequality rows of each solution.
 
-    A row is active when the shifted value C_i x - s_in,i lies within ``tol * (1 + |C_i||x| + |bound|)``
-    of a finite bound, or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
+    A row is active when the shifted value C_i x - s_in,i lies within
+    ``bound_tol * (1 + |C_i||x| + |bound|)`` of a finite bound (``bound_tol`` defaults to ``tol``),
+    or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
     |Hx|, |g|, |A'y|, |C'z|, +1) divided by |C_i|_inf. A row is violated when |s_in,i| exceeds the
     first tolerance (closest-feasible problems only; :func:`alqp.activity.shifted_rows`, which
     also tells the shifted equality rows); violated rows are active.
@@ -152,7 +153,7 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     # finite bound, where isfinite takes four operations.)
     fin_l, fin_u = l > -math.inf, u < math.inf
     absC = C.abs()
-    ptol = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
+    ptol = row_tolerance(C, l, u, x, tol if bound_tol is None else bound_tol, abs_M=absC, finite=(fin_l, fin_u))
     feasible = status == int(Status.SOLVED)
     shifted = status == int(Status.CLOSEST_FEASIBLE)
     any_shifted = bool(shifted.any())
@@ -1030,7 +1031,8 @@ def implicit_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional
     incoming, nan_rows = screen_incoming(status, incoming, settings)
     if factor is not None and factor.L.device != P.H.device:
         factor = None  # (the active-set engine on CUDA data factors on the CPU: not worth a copy)
-    act = classify_rows(P, *point, status, tol)
+    bound_tol = bound_activity_tol(tol, out_dtype) if active_tol is None else tol
+    act = classify_rows(P, *point, status, tol, bound_tol)
     # (The statuses summed up once: each test is a device sync, and they add up at batch 1.)
     all_feasible = bool(act.feasible.all())
     any_shifted = not all_feasible and bool(act.shifted.any())

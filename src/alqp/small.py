@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alqp.activity import activity_tol
+from alqp.activity import activity_tol, bound_activity_tol
 from alqp.certify import Tolerance, resolve_tolerance
 from alqp.problem import QPProblem
 from alqp.types import QPSolution, Status
@@ -182,7 +182,7 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
                       torch.full((B,), int(Status.SOLVED), dtype=torch.int64), torch.from_numpy(iters))
 
 
-def _classify_host(C, l, u, H, g, A, x, y, z, tol):
+def _classify_host(C, l, u, H, g, A, x, y, z, tol, bound_tol):
     """The active rows of SOLVED answers and the bound each sits on, as
     :func:`alqp.backward.classify_rows` decides them (its feasible case), on host arrays.
 
@@ -193,7 +193,7 @@ def _classify_host(C, l, u, H, g, A, x, y, z, tol):
     fin_l, fin_u = l > -np.inf, u < np.inf
     absC = np.abs(C)
     bound = np.maximum(np.where(fin_l, np.abs(l), 0.0), np.where(fin_u, np.abs(u), 0.0))
-    ptol = tol * (1.0 + (absC @ np.abs(x)[..., None])[..., 0] + bound)
+    ptol = bound_tol * (1.0 + (absC @ np.abs(x)[..., None])[..., 0] + bound)
     r = (C @ x[..., None])[..., 0]
     # (At an infinite bound |r - bound| is inf: never within the tolerance.)
     on_u = np.abs(r - u) <= ptol
@@ -236,7 +236,8 @@ def backward_small(problem: QPProblem, solution: QPSolution, grad_x, grad_y, gra
     gx, gy, gz = incoming[:3]  # (a SOLVED problem's shift is 0 with derivative 0: no s terms)
     H, g, A, C, l, u = (_host(getattr(problem, k)) for k in ("H", "g", "A", "C", "l", "u"))
     x, y, z = (_host(t) for t in (solution.x, solution.y, solution.z))
-    active, upper, lower = _classify_host(C, l, u, H, g, A, x, y, z, activity_tol(dtype, settings))
+    tol = activity_tol(dtype, settings)
+    active, upper, lower = _classify_host(C, l, u, H, g, A, x, y, z, tol, bound_activity_tol(tol, dtype))
 
     # The padded KKT matrix: an inactive row i gets 1 on its diagonal and 0 on its right side,
     # so its w3_i is exactly 0.
