@@ -197,7 +197,7 @@ def test_capture_and_diagnosis_agree_with_qpth(tmp_path, one_thread):
     import diagnose_jumps
 
     common = ["--models", "optnet", "--train", "40", "--test", "20", "--epochs", "2", "--batch", "20",
-              "--no-progress", "--capture", "--default-allocator", "--data-cache", str(tmp_path / "cache")]
+              "--no-progress", "--capture", "--data-cache", str(tmp_path / "cache")]
     train.main(common + ["--out", str(tmp_path / "run")])
     train.main(common + ["--epochs", "1", "--loss-scale", "0.5", "--out", str(tmp_path / "half")])
     full = torch.load(tmp_path / "run" / "capture-optnet.pt", weights_only=False)["steps"]

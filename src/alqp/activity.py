@@ -34,7 +34,9 @@ def bound_activity_tol(tol: float, dtype: torch.dtype) -> float:
     row as active returns the derivative of the neighbouring piece: OptNet's Sudoku QP at
     eps_abs 1e-6 had x_i = 8.75e-7 on a row so counted, and that puzzle's gradient at cosine 0.06
     with finite differences and qpth (docs/results/sudoku-jumps.md). A row truly at its bound with
-    a multiplier is still found by its multiplier, at ``tol``."""
+    a multiplier is still found by its multiplier, at ``tol``. For SOLVED answers only: a
+    closest-feasible answer is certified at 100 times the tolerance, and its rows keep ``tol``
+    (:func:`alqp.backward.classify_rows`)."""
     return min(tol, 100 * torch.finfo(dtype).eps)
 
 

@@ -134,7 +134,8 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     """Decide the active and violated inequality rows of each solution.
 
     A row is active when the shifted value C_i x - s_in,i lies within
-    ``bound_tol * (1 + |C_i||x| + |bound|)`` of a finite bound (``bound_tol`` defaults to ``tol``),
+    ``bound_tol * (1 + |C_i||x| + |bound|)`` of a finite bound (``bound_tol`` defaults to ``tol``,
+    and a CLOSEST_FEASIBLE answer's rows always use ``tol``),
     or when |z_i| exceeds ``tol`` times the problem's dual scale (the largest of
     |Hx|, |g|, |A'y|, |C'z|, +1) divided by |C_i|_inf. A row is violated when |s_in,i| exceeds the
     first tolerance (closest-feasible problems only; :func:`alqp.activity.shifted_rows`, which
@@ -153,10 +154,15 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     # finite bound, where isfinite takes four operations.)
     fin_l, fin_u = l > -math.inf, u < math.inf
     absC = C.abs()
-    ptol = row_tolerance(C, l, u, x, tol if bound_tol is None else bound_tol, abs_M=absC, finite=(fin_l, fin_u))
     feasible = status == int(Status.SOLVED)
     shifted = status == int(Status.CLOSEST_FEASIBLE)
     any_shifted = bool(shifted.any())
+    ptol = row_tolerance(C, l, u, x, tol if bound_tol is None else bound_tol, abs_M=absC, finite=(fin_l, fin_u))
+    if any_shifted and bound_tol is not None and bound_tol != tol:
+        # A closest-feasible answer is certified only to 100 times the tolerance, so its rows' slacks
+        # are known to no better than ``tol``: there, a row within ``tol`` of its bound stays on it.
+        coarse = row_tolerance(C, l, u, x, tol, abs_M=absC, finite=(fin_l, fin_u))
+        ptol = torch.where(shifted.unsqueeze(-1), coarse, ptol)
     r = vm(x, C.transpose(-1, -2))
     if any_shifted:
         r = r - s_in  # the row's value in the shifted set (equal to clip(C x, l, u) there)
