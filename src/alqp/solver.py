@@ -1,11 +1,15 @@
 """The forward solver: a batched proximal augmented-Lagrangian method (ProxQP family).
 
 Read top to bottom: :func:`solve_problem_factored` picks the engine and sends what the active-set
-engine does not certify to the ALM; :func:`solve_alm` runs the outer loop (multiplier updates and
-the BCL penalty schedule), :func:`_newton_inner` minimizes the proximal
-augmented Lagrangian by semi-smooth Newton steps with an exact line search (:func:`_exact_line_search`).
-Every problem of the batch steps in lock-step through tensor operations; a problem whose status is
-decided leaves the working set, so the batch shrinks as it converges.
+engine does not certify to the ALM; :func:`solve_alm` runs the outer loop (docs/design.md section
+3.1) as a sequence of phases, each a function of the typed working set :class:`_Work` (data, bounds,
+iterate, penalties, progress, factorization): :func:`_measure` the residuals,
+:func:`_infeasibility_signs` and :func:`_track_progress`, :func:`_undo_wrong_shifts`,
+:func:`_decide_status`, :func:`_reshift` and :func:`_retire`, :func:`_inner_solve` (the proximal
+augmented Lagrangian minimized by semi-smooth Newton steps, :func:`_newton_inner`, with an exact
+line search, :func:`_exact_line_search`) and :func:`_update_penalties` (multiplier updates and the
+BCL penalty schedule). Every problem of the batch steps in lock-step through tensor operations; a
+problem whose status is decided leaves the working set, so the batch shrinks as it converges.
 
 All iterates live in the scaled space of :func:`alqp.problem.ruiz_equilibrate`; residuals used for
 stopping are measured in the caller's units.
@@ -684,7 +688,8 @@ def _reshift(w: _Work, setup: _Setup, mask: Tensor, violation: Tensor, min_shift
     # violated rows, so its projected shift is (nearly) zero: it is not moved.
     big = inf_norm(s / d.R[idx]) >= min_shift[idx]
     idx, r_s, s = idx[big], r_s[big], s[big]
-    w.prog.primal_prev[idx] = float("inf")
+    # (Not in place: primal_prev is this iteration's primal residual, which the caller holds.)
+    w.prog.primal_prev = w.prog.primal_prev.index_fill(0, idx, float("inf"))
     b.shift[idx] += s
     b.lo[idx] += s
     b.hi[idx] += s
@@ -721,8 +726,8 @@ def _retire(w: _Work, setup: _Setup, out: _Outputs, leaving: Tensor,
     shifted = (st == Status.CLOSEST_FEASIBLE) | (st == Status.PRIMAL_INFEASIBLE)
     if bool(shifted.any()):
         sidx, x = idx[shifted], x[shifted]
-        # The violation of the original constraints (docs/design.md: s = G x - clip(G x)); on
-        # the rows that are not really shifted that is round-off, reported as 0. (Not the shift
+        # The violation of the original constraints (docs/design.md section 2: s = G x - clip(G x));
+        # on the rows that are not really shifted that is round-off, reported as 0. (Not the shift
         # applied plus what remains: a row left just inside its shifted bound has a violation a
         # little smaller than that shift.)
         Gx_l = vm(w.it.x[leaving], d.GT[leaving])
