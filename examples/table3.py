@@ -1,7 +1,7 @@
 """The QPLayer paper's Table 3 in one command: the four learning tasks, alqp next to its peers.
 
 Runs each task's own script (examples/cartpole, examples/sudoku, examples/denoising,
-examples/classification) in a subprocess, at a reduced size by default (about 10 to 15 minutes
+examples/classification) in a subprocess, at a reduced size by default (about 4 to 15 minutes
 on a 2-core CPU) or at the paper's size with ``--full`` (hours: qpth's denoising forward alone
 takes about 26 s a batch there), reads the JSON each writes, and prints a table laid out like the
 paper's Table 3: forward ms, backward ms and final test loss per task and solver, with the paper's
