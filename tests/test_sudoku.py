@@ -96,15 +96,18 @@ def one_thread():
 
 # The LP starts with x summing to about 2 per board (A x = 1 with A uniform in [0, 1)) where the
 # solution has 16 ones, and moves only as A's entries do: its loss falls slowly but steadily at a
-# small learning rate. The OptNet models fall fast.
-@pytest.mark.parametrize("name,lr,steps,factor", [("lp", 0.01, 12, 0.97), ("optnet", 0.05, 8, 0.8), ("qpth", 0.05, 8, 0.8)])
-def test_a_few_training_steps_lower_the_loss(name, lr, steps, factor, one_thread):
+# small learning rate. The OptNet models fall fast. Over seeds 0 to 3 the last three losses over
+# the first measured 0.93 to 0.96 (LP) and 0.30 to 0.33 (both OptNet models).
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name,lr,steps,factor", [("lp", 0.01, 12, 0.98), ("optnet", 0.05, 8, 0.6),
+                                                  ("qpth", 0.05, 8, 0.6)])
+def test_a_few_training_steps_lower_the_loss(name, lr, steps, factor, seed, one_thread):
     if name == "qpth":
         pytest.importorskip("qpth")
-    torch.manual_seed(0)
-    d = data.generate(8, 2, seed=3)
+    torch.manual_seed(seed)
+    d = data.generate(8, 2, seed=3 + seed)
     settings = train.alqp.Settings(mu_min=1e-5, rho=1e-4, max_iter=200, eps_abs=1e-6)
-    model = models.build_model(name, 2, settings=settings, seed=0)
+    model = models.build_model(name, 2, settings=settings, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -236,6 +239,7 @@ def test_small_positive_slack_is_not_active_at_a_loose_tolerance(engine, eps_abs
     x0(g).backward()
     h = 1e-9  # moves x_0 by 1e-8: its bound stays inactive
     with torch.no_grad():
-        fd = (x0(g + torch.tensor([h, 0.0], dtype=torch.float64)) - x0(g - torch.tensor([h, 0.0], dtype=torch.float64))) / (2 * h)
+        step = torch.tensor([h, 0.0], dtype=torch.float64)
+        fd = (x0(g + step) - x0(g - step)) / (2 * h)
     assert float(fd) == pytest.approx(-10.0, rel=1e-3)
     assert float(g.grad[0]) == pytest.approx(float(fd), rel=1e-3)

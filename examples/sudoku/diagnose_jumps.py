@@ -289,7 +289,8 @@ def compare(step: int, steps: list, states: list, run: dict, train: SudokuData, 
     t = step + 1
     lr = run["lr"]
     replayed = adam_update(st["grads"], states[step], t, lr)
-    result["adam"] = {"replay_matches_capture": max(float((replayed[k] - st["update"][k]).abs().max()) for k in replayed),
+    replay_error = max(float((replayed[k] - st["update"][k]).abs().max()) for k in replayed)
+    result["adam"] = {"replay_matches_capture": replay_error,
                       "eps_share_of_sqrt_v": {k: float((states[step][1][k].sqrt() < 1e-7).double().mean())
                                               for k in replayed}}
     counter = {}

@@ -213,7 +213,7 @@ def plot(results: dict, path: str) -> None:
     panels = [("test_loss", "test MSE", "log"), ("test_errors", "test board errors", "symlog"),
               ("test_violation", "violation mean ‖Ax − 1‖₂ (test)", "log")]
     for ax, (key, title, scale) in zip(axes, panels):
-        for name, res in results.items():
+        for res in results.values():
             epochs = [h["epoch"] for h in res["history"]]
             values = [h[key] for h in res["history"]]
             if scale == "log":  # an exact zero has no place on a log axis: floor it visibly
@@ -315,11 +315,6 @@ def main(argv: Optional[list] = None) -> dict:
         except ImportError:
             print("qpth is not installed: skipping the qpth baseline")
             names.remove("qpth")
-    if args.backward == "lpgd":
-        try:
-            alqp.QPLayer(backward="lpgd")
-        except NotImplementedError as err:
-            raise SystemExit(f"--backward lpgd is unavailable: {err}")
 
     t0 = time.perf_counter()
     data = load_or_generate(args.train + args.test, args.box, args.seed, args.data_cache, args.max_blanks)
