@@ -92,8 +92,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alqp.linalg import (as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes, solve_triangular_rows, vm,
-                         vm_host)
+from alqp.linalg import (WORK_DTYPE, as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes,
+                         rows_or_zeros, safe_rsqrt, solve_triangular_rows, vm, vm_host)
 from alqp.active_set import LeastDistanceFactor
 from alqp.activity import activity_tol, bound_activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
@@ -101,9 +101,6 @@ from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
 from alqp.types import QPSolution
 
-#: The backward's linear algebra always runs in float64: it is a few dense solves whose conditioning
-#: is that of the KKT matrix squared (normal equations), too much for float32's 7 digits.
-WORK_DTYPE = torch.float64
 
 
 class ActiveSet(NamedTuple):
@@ -194,11 +191,6 @@ def classify_rows(problem: QPProblem, x: Tensor, y: Tensor, z: Tensor, s_eq: Ten
     return ActiveSet(active, violated.to(dtype), violated_eq.to(dtype), upper * fin_u, lower, feasible, shifted)
 
 
-def _safe_rsqrt(norm: Tensor) -> Tensor:
-    """1/sqrt(norm), and 1 where norm is 0: the Ruiz step of a row or column (a zero one keeps its scale)."""
-    return torch.where(norm > 0, norm, torch.ones_like(norm)).rsqrt()
-
-
 def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]:
     """Ruiz equilibration of a batch of rectangular matrices: D_r M D_c with rows and columns of
     infinity norm near 1 (a zero row or column keeps scale 1). A symmetric M stays symmetric.
@@ -220,7 +212,7 @@ def equilibrate(M: Tensor, iterations: int = 5) -> tuple[Tensor, Tensor, Tensor]
     # digits only): a fraction of the memory traffic of float64 copies made at every sweep.
     S = magnitudes(M)
     for sweep in range(iterations):
-        e_r, e_c = _safe_rsqrt(S.amax(-1)), _safe_rsqrt(S.amax(-2))
+        e_r, e_c = safe_rsqrt(S.amax(-1)), safe_rsqrt(S.amax(-2))
         d_r, d_c = d_r * e_r.to(M.dtype), d_c * e_c.to(M.dtype)
         if sweep + 1 < iterations:
             S.mul_(e_r.unsqueeze(-1)).mul_(e_c.unsqueeze(-2))
@@ -460,8 +452,8 @@ def _kkt_equilibrate(H: Tensor, G: Tensor, iterations: int) -> tuple[Tensor, Ten
     d1, d2 = absH.new_ones(B, n), absH.new_ones(B, k)
     for _ in range(iterations if n else 0):
         row1 = torch.maximum(absH.amax(-1), absG.amax(-2)) if k else absH.amax(-1)
-        e1 = _safe_rsqrt(row1)
-        e2 = _safe_rsqrt(absG.amax(-1)) if k else d2
+        e1 = safe_rsqrt(row1)
+        e2 = safe_rsqrt(absG.amax(-1)) if k else d2
         d1.mul_(e1)
         absH.mul_(e1.unsqueeze(-1)).mul_(e1.unsqueeze(-2))
         if k:
@@ -992,13 +984,7 @@ def _promote(problem: QPProblem, solution: QPSolution, incoming: tuple[Optional[
     B = P.batch_size
     point = _Point(*(as_dtype(t, WORK_DTYPE) for t in (solution.x, solution.y, solution.z, solution.s_eq,
                                                        solution.s_in)))
-    grads = []
-    for gradient, k in zip(incoming, (P.n, P.p, P.m, P.p, P.m)):
-        if gradient is None:
-            grads.append(P.H.new_zeros(B, k))
-        else:
-            gradient = as_dtype(gradient, WORK_DTYPE)
-            grads.append(gradient if gradient.shape == (B, k) else gradient.expand(B, k))
+    grads = (rows_or_zeros(t, B, k, P.H) for t, k in zip(incoming, (P.n, P.p, P.m, P.p, P.m)))
     return P, point, _OutputGrads(*grads)
 
 

@@ -1,9 +1,33 @@
 """Batched linear algebra shared by the forward and the backward."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor
+
+#: The dtype of the backward's linear algebra and of LPGD's finite differences, whatever the data's:
+#: a few dense solves whose conditioning is that of the KKT matrix squared (normal equations), and
+#: differences such as y_tau x_tau' - y* x*' that lose digits to cancellation; float32's seven
+#: digits cannot spare either.
+WORK_DTYPE = torch.float64
+
+
+def safe_rsqrt(norm: Tensor, floor: float = 0.0) -> Tensor:
+    """1/sqrt(norm) elementwise, and 1 where norm <= ``floor``: the Ruiz step of a row or column,
+    where a zero (or negligible) one keeps its scale instead of being blown up."""
+    return torch.where(norm > floor, norm, torch.ones_like(norm)).rsqrt()
+
+
+def rows_or_zeros(t: Optional[Tensor], batch: int, k: int, like: Tensor) -> Tensor:
+    """``t`` as a (batch, k) tensor in ``like``'s dtype and device (broadcast from (k,) or (1, k)),
+    or zeros where ``t`` is None: an incoming gradient of an output the loss does not use."""
+    if t is None:
+        return like.new_zeros(batch, k)
+    t = as_dtype(t, like.dtype)
+    return t if t.shape == (batch, k) else t.expand(batch, k)
+
 
 
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

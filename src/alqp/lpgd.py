@@ -119,7 +119,7 @@ from torch import Tensor
 from alqp.activity import activity_tol, shifted_rows
 from alqp.certify import resolve_tolerance
 from alqp.failure import mark_nan, screen_incoming
-from alqp.linalg import project_out_row_range, vm
+from alqp.linalg import WORK_DTYPE, project_out_row_range, rows_or_zeros, vm
 from alqp.problem import QPProblem
 from alqp.settings import (DEFAULT_PROXIMAL, DEFAULT_TAU, DEFAULT_VARIANT, LPGD, LPGD_VARIANTS, Settings,  # noqa: F401
                            Status, has_solution)
@@ -131,9 +131,6 @@ from alqp.types import QPSolution
 #: :mod:`alqp.settings` as :class:`alqp.LPGD`, with the other public options.
 VARIANTS = LPGD_VARIANTS
 
-#: The finite differences are formed in float64: products such as y_tau x_tau' - y* x*' lose
-#: digits to cancellation that float32 cannot spare.
-WORK_DTYPE = torch.float64
 
 
 #: The former name of :class:`alqp.LPGD` (the validated options of this backward).
@@ -273,11 +270,8 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
     W = WORK_DTYPE
 
-    def grad_or_zero(gr: Optional[Tensor], k: int) -> Tensor:
-        return problem.H.new_zeros(B, k) if gr is None else gr.to(dtype).expand(B, k)
-
-    gx, gy, gz = grad_or_zero(grad_x, n), grad_or_zero(grad_y, p), grad_or_zero(grad_z, m)
-    gse, gsi = grad_or_zero(grad_s_eq, p), grad_or_zero(grad_s_in, m)
+    gx, gy, gz, gse, gsi = (rows_or_zeros(t, B, k, problem.H) for t, k in
+                            ((grad_x, n), (grad_y, p), (grad_z, m), (grad_s_eq, p), (grad_s_in, m)))
     status = solution.status
     (gx, gy, gz, gse, gsi), nan_rows = screen_incoming(status, (gx, gy, gz, gse, gsi), settings)
 

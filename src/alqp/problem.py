@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from alqp.linalg import magnitudes, max_abs
+from alqp.linalg import magnitudes, max_abs, safe_rsqrt
 
 ARG_NAMES = ("H", "g", "A", "b", "C", "l", "u")
 # Number of trailing (per-problem) dimensions of each argument.
@@ -252,10 +252,6 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool,
     # only: they run on single-precision copies of |H|, |A|, |C|, scaled in place, and the data
     # are scaled once at the end. (Sweeping the full-precision matrices cost as much as the
     # whole solve of a mid-sized batch.)
-    def safe(v: Tensor) -> Tensor:
-        # A zero row or column stays unscaled instead of being blown up.
-        return torch.where(v > tiny, v, torch.ones_like(v)).rsqrt()
-
     work = torch.float32 if dtype == torch.float64 else dtype
     D, E, F = (torch.ones(B, k, dtype=work, device=H.device) for k in (n, p, m))
     absH = magnitudes(H) if iterations > 0 else None
@@ -279,9 +275,9 @@ def ruiz_equilibrate(problem: QPProblem, iterations: int, scale_rows: bool,
         norms = [v for v in (col, rowA, rowC) if v is not None and v.numel() > 0]
         if norms and max(float(((v - 1).abs() * (v > tiny)).amax()) for v in norms) <= tol:
             break
-        dD = safe(col)
-        dE = safe(rowA) if rowA is not None else None
-        dF = safe(rowC) if rowC is not None else None
+        dD = safe_rsqrt(col, tiny)
+        dE = safe_rsqrt(rowA, tiny) if rowA is not None else None
+        dF = safe_rsqrt(rowC, tiny) if rowC is not None else None
         D.mul_(dD)
         absH.mul_(dD.unsqueeze(-1)).mul_(dD.unsqueeze(-2))
         for M, dR, R in ((absA, dE, E), (absC, dF, F)):
