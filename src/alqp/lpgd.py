@@ -338,7 +338,7 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         up0, lo0 = above[idx].to(W), below[idx].to(W)
         q_star = lagrangian_data_gradient(to_w(x0), to_w(y0), to_w(z0), up0, lo0)
         lam0 = torch.cat([to_w(y0), to_w(z0)], -1)
-        G0 = torch.cat([P.A, P.C], -2).to(W)
+        G0 = P.stacked_rows().to(W)
         rows0 = torch.cat([eq_rows[idx], above[idx] + below[idx]], -1) > 0
         xs = to_w(re.x).view(k, -1, n)
         lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, -1, p + m)

@@ -62,7 +62,13 @@ class QPProblem(BatchShape):
     unbatched: bool
 
     def tensors(self) -> dict:
+        """The seven tensors by name, in ARG_NAMES order."""
         return {name: getattr(self, name) for name in ARG_NAMES}
+
+    def stacked_rows(self) -> Tensor:
+        """(B,p+m,n) the constraint rows [A; C], equalities first: the order of the multipliers
+        [y; z] in every engine and in DAQP."""
+        return torch.cat([self.A, self.C], -2)
 
     def select(self, index: Tensor) -> "QPProblem":
         """The sub-batch of the problems at ``index`` (1-D long tensor)."""

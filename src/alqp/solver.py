@@ -437,7 +437,7 @@ def _start(problem: QPProblem, settings: Settings, warm_start) -> tuple[_Setup, 
     k = p + m
     mu_min = settings.mu_min if settings.mu_min is not None else (1e-9 if dtype == torch.float64 else 1e-6)
     scaled, scaling = ruiz_equilibrate(problem, settings.scaling_iter, scale_rows=not settings.closest_feasible)
-    G = torch.cat([scaled.A, scaled.C], dim=-2)
+    G = scaled.stacked_rows()
     GT = G.transpose(-1, -2).contiguous()
     R = torch.cat([scaling.E, scaling.F], dim=-1)
     # When every row of C has one nonzero (bounds on single variables: x >= 0 in an LP, a box),
@@ -851,7 +851,7 @@ def _polish_multipliers(w: _Work, problem: QPProblem, res: Residuals, solved: Te
     idx = candidates.nonzero().squeeze(-1)
     sub = problem.select(d.index[idx])
     p = sub.p
-    G = torch.cat([sub.A, sub.C], -2)
+    G = sub.stacked_rows()
     is_eq = torch.arange(G.shape[-2], device=G.device) < p
     R, c = d.R[idx], d.c[idx].unsqueeze(-1)
     x = w.it.x[idx] * d.D[idx]
@@ -876,7 +876,7 @@ def _mark_inaccurate(problem: QPProblem, x: Tensor, w: Tensor, status: Tensor, d
     if candidates.numel() == 0:
         return
     sub = problem.select(candidates)
-    G = torch.cat([sub.A, sub.C], -2)
+    G = sub.stacked_rows()
     floor = roundoff_floor(sub.H, sub.g, G, torch.cat([sub.b, sub.l], -1), torch.cat([sub.b, sub.u], -1), sub.p,
                            x[candidates], w[candidates], dtype)
     status[candidates[floor]] = int(Status.INACCURATE)
