@@ -373,3 +373,35 @@ def test_closest_feasible_with_shared_rows_and_per_problem_bounds():
     for i in range(B):
         r = O.cvxpy_closest_feasible(H, g[i], A, b[i], C, l, u)
         assert np.abs(sol.x[i].numpy() - r.x).max() < 1e-6, i
+
+
+def test_status_map_precedence():
+    """The status phase alone (``_statuses``), against the rules of solve_active_set's docstring
+    and DAQP's exit flags (daqp/include/constants.h: 1 optimal, -1 infeasible, -2 cycling,
+    -3 unbounded, -4 iteration limit, -6 dependent equality rows): a certified closest-feasible
+    answer beats everything, a certified answer is SOLVED whatever the flag, an optimal but
+    uncertified answer missed the tolerance (MAX_ITER), and an unknown flag is a NUMERICAL_ERROR."""
+    from alqp.active_set import _statuses
+
+    flags = np.array([1, 1, -1, -2, -3, -4, -6, -1, -6, 1, -99])
+    certified = np.array([True, False, False, False, False, False, False, False, False, True, False])
+    shifted = np.array([False, False, False, False, False, False, False, True, True, False, False])
+    expected = [Status.SOLVED, Status.MAX_ITER, Status.PRIMAL_INFEASIBLE, Status.MAX_ITER, Status.DUAL_INFEASIBLE,
+                Status.MAX_ITER, Status.NUMERICAL_ERROR, Status.CLOSEST_FEASIBLE, Status.CLOSEST_FEASIBLE,
+                Status.SOLVED, Status.NUMERICAL_ERROR]
+    assert _statuses(flags, certified, shifted).tolist() == [int(s) for s in expected]
+
+
+def test_result_fields_name_what_unpacking_gives():
+    """solve_active_set returns an ActiveSetResult: its named fields are the (solution, certified,
+    factor) that tuple unpacking gives, and the factor is that of the strictly convex batch (its L
+    reproduces H)."""
+    from alqp.active_set import ActiveSetResult
+
+    prob = _problem(FEASIBLE, "strictly_convex")
+    result = solve_active_set(canonicalize(**prob), Settings())
+    assert isinstance(result, ActiveSetResult)
+    solution, certified, factor = result
+    assert solution is result.solution and certified is result.certified and factor is result.factor
+    assert bool(certified.all()) and factor is not None
+    torch.testing.assert_close(factor.L @ factor.L.mT, prob["H"].expand_as(factor.L))

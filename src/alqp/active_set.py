@@ -24,7 +24,8 @@ in plain C loops (most of its time on dense problems).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -118,9 +119,105 @@ def _rows(blocks: list, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([np.broadcast_to(a, (batch,) + a.shape[1:]) for a in blocks], axis=1))
 
 
+class ActiveSetResult(NamedTuple):
+    """What :func:`solve_active_set` returns; unpacks as ``solution, certified, factor``.
+
+    Attributes:
+        solution: the :class:`alqp.QPSolution` (B problems) in the input's dtype and device.
+        certified: (B,) bool, True where the answer passed the certification (SOLVED, or
+            CLOSEST_FEASIBLE with its shift checked too); the caller re-solves the others.
+        factor: the :class:`LeastDistanceFactor` of the batch's strictly convex problems, or None.
+    """
+
+    solution: QPSolution
+    certified: Tensor
+    factor: Optional["LeastDistanceFactor"]
+
+
+class _HostBatch(NamedTuple):
+    """The canonical batch as DAQP reads it: C-contiguous float64 numpy arrays, each of batch size
+    B, or 1 where the whole batch shares it (its ``stride`` entry is then 0). DAQP's rows are
+    [A; C] with bounds [b; l] <= . <= [b; u], the equalities first (as in the ALM's stacking), so
+    its multipliers are [y; z].
+
+    Attributes:
+        H: (B|1,n,n).  g: (B|1,n).  G: (B|1,k,n) = [A; C].  lo, hi: (B|1,k) = [b; l], [b; u].
+        sense: (k,) DAQP's row flags (the first p rows equalities).  p: the number of equality rows.
+        H_zero: B bools (a list, indexed by problem), True where H is zero (an LP).
+        strides: (sH, sg, sG, slo, shi), 1 for a batched array and 0 for a shared one.
+    """
+
+    H: np.ndarray
+    g: np.ndarray
+    G: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    sense: np.ndarray
+    p: int
+    H_zero: list
+    strides: tuple
+
+    def problem(self, i: int) -> tuple:
+        """Problem i in DAQP's own form: (H (n,n), or None for an LP, g, G, lo, hi)."""
+        sH, sg, sG, sl, su = self.strides
+        return (None if self.H_zero[i * sH] else self.H[i * sH], self.g[i * sg], self.G[i * sG],
+                self.lo[i * sl], self.hi[i * su])
+
+    def select(self, idx: np.ndarray, every: bool) -> tuple:
+        """(H, g, G, lo, hi) of problems ``idx`` (shared arrays stay shared; ``every``: idx is the
+        whole batch, so the arrays are returned as they are)."""
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a if a.shape[0] == 1 or every else a[idx]
+        return pick(self.H), pick(self.g), pick(self.G), pick(self.lo), pick(self.hi)
+
+
+class _DaqpOptions(NamedTuple):
+    """How each DAQP solve of a batch is run and judged.
+
+    Attributes:
+        solve: ``daqp.solve``.  options: its keyword options (primal_tol, eta_prox).
+        tol: the certification tolerance of the input's dtype.  dtype: the input's dtype (answers
+            are certified as rounded to it).
+    """
+
+    solve: Callable
+    options: dict
+    tol: Tolerance
+    dtype: torch.dtype
+
+
+@dataclass
+class _Answers:
+    """The per-problem answers, filled in place by the phases of :func:`solve_active_set`.
+
+    Attributes:
+        x: (B,n).  w: (B,k) = [y; z].  flags: (B,) DAQP's exit flag of the answer kept.
+        iterations: (B,) active-set iterations summed over every solve of the problem.
+        certified: (B,) bool, the answer passed the certification.
+        shift: (B,k) the closest-feasible shift.  shifted: (B,) bool, a certified closest-feasible answer.
+        status: (B,) int64 :class:`Status` values, set by :func:`_settle`.
+    """
+
+    x: np.ndarray
+    w: np.ndarray
+    flags: np.ndarray
+    iterations: np.ndarray
+    certified: np.ndarray
+    shift: np.ndarray
+    shifted: np.ndarray
+    status: Optional[np.ndarray] = None
+
+    @classmethod
+    def empty(cls, B: int, n: int, k: int) -> "_Answers":
+        """No answer yet: zeros, DAQP's optimal flag, nothing certified."""
+        return cls(x=np.zeros((B, n)), w=np.zeros((B, k)), flags=np.full(B, _DAQP_OPTIMAL, dtype=np.int64),
+                   iterations=np.zeros(B, dtype=np.int64), certified=np.zeros(B, dtype=bool),
+                   shift=np.zeros((B, k)), shifted=np.zeros(B, dtype=bool))
+
+
 @one_torch_thread  # alqp.pool: the thread policy
 def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"] = None
-                     ) -> tuple["QPSolution", Tensor, Optional["LeastDistanceFactor"]]:
+                     ) -> ActiveSetResult:
     """Solve a canonical batch with DAQP, problem by problem, in float64 on the CPU.
 
     Args:
@@ -131,51 +228,42 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
             H, A and C only); None: computed here.
 
     Returns:
-        The :class:`alqp.QPSolution` in the input's dtype and device, and a (B,) bool tensor
-        ``certified``: True where the answer is verified (primal, dual and complementarity
-        residuals within tolerance, see :func:`_certify`): SOLVED, or CLOSEST_FEASIBLE with the
-        shift checked too. Where it is False the
-        entries are finite but no answer, and the caller re-solves those problems with the ALM
-        solver; their ``status`` tells what DAQP found: PRIMAL_INFEASIBLE, DUAL_INFEASIBLE,
+        An :class:`ActiveSetResult` (solution, certified, factor). ``solution`` is the
+        :class:`alqp.QPSolution` in the input's dtype and device; ``certified`` (B,) bool is True
+        where the answer is verified (primal, dual and complementarity residuals within tolerance,
+        see :func:`_certify`): SOLVED, or CLOSEST_FEASIBLE with the shift checked too. Where it is
+        False the entries are finite but no answer, and the caller re-solves those problems with
+        the ALM solver; their ``status`` tells what DAQP found: PRIMAL_INFEASIBLE, DUAL_INFEASIBLE,
         MAX_ITER (iteration limit, cycling, or an answer that missed the tolerance) or
         NUMERICAL_ERROR (anything else, e.g. linearly dependent equality rows).
         ``s_eq`` and ``s_in`` are zero except for CLOSEST_FEASIBLE problems, and ``iterations``
         counts DAQP's active-set iterations (summed over its proximal outer iterations when H is
         singular, and over all solves of a problem: its closest feasible QP, or a retry in its own
         form), plus one for the equality-constrained solve of a least-distance problem.
-        Third, the :class:`LeastDistanceFactor` of the batch's strictly convex problems (None
-        when there is none), for the backward.
+        ``factor`` is the :class:`LeastDistanceFactor` of the batch's strictly convex problems
+        (None when there is none), for the backward.
     """
-    daqp = _import_daqp()
+    daqp = _daqp_options(settings, problem.H.dtype)
+    host = _to_host(problem)
+    answers = _Answers.empty(problem.batch_size, problem.n, problem.p + problem.m)
+    ldp = None
+    if problem.n > 0:
+        ldp = _solve_least_distance(problem, host, factor, daqp, answers)
+        # Any miss, an infeasible verdict too, is retried in the problem's own form, on the ladder
+        # of tolerances.
+        _solve_direct_form(host, np.flatnonzero(~answers.certified), daqp, answers)
+    all_certified = bool(answers.certified.all())
+    if not all_certified and settings.closest_feasible and problem.n > 0:
+        _solve_closest_feasible(host, daqp, answers)
+    _settle(answers, daqp.dtype, all_certified)
+    solution = _to_solution(problem, answers, daqp.tol)
+    device = problem.H.device
+    return ActiveSetResult(solution, _device_tensor(answers.certified, torch.bool, device),
+                           None if ldp is None else ldp.factor)
 
-    dtype, device = problem.H.dtype, problem.H.device
-    B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
-    k = p + m
 
-    # DAQP's rows are [A; C] with bounds [b; l] <= . <= [b; u], the equalities first (as in the
-    # ALM's stacking), so lam = [y; z].
-    H = _host(problem.H)
-    g = _host(problem.g)
-    G = _rows([_host(problem.A), _host(problem.C)], B)
-    b = _host(problem.b)
-    lo = _rows([b, _host(problem.l)], B)
-    hi = _rows([b, _host(problem.u)], B)
-    sense = np.zeros(k, dtype=np.intc)
-    sense[:p] = _DAQP_EQUALITY
-
-    # A strictly convex problem goes to DAQP as a least-distance problem (_LeastDistanceForm).
-    # An LP (H = 0) goes to DAQP without a Hessian: its LP mode returns exact multipliers, where
-    # a zero matrix would get the proximal iterations of a singular H, whose multipliers are only
-    # good to ~eta_prox. Any other H goes as it is, with DAQP's automatic proximal regularization
-    # (a negative eps_prox, its default): DAQP's own Cholesky factorization of H decides, so only
-    # a singular one gets the proximal outer iterations.
-    # (A zero diagonal first: for a positive semi-definite H only a zero H has one, and the test
-    # reads n entries instead of n^2; the full test confirms it.)
-    H_zero = ~np.diagonal(H, axis1=-2, axis2=-1).any(axis=-1)
-    if H_zero.any():
-        H_zero[H_zero] = ~H[H_zero].reshape(int(H_zero.sum()), -1).any(axis=1)
-    H_zero = H_zero.tolist()
-
+def _daqp_options(settings: Settings, dtype: torch.dtype) -> _DaqpOptions:
+    """DAQP's solve and options for a batch of ``dtype``, and the certification tolerance."""
     tol = resolve_tolerance(settings, dtype)
     finest = min(t for t in tol if t > 0)
     inner_tol = min(max(_INNER_TOL_FACTOR * finest, _INNER_TOL_MIN), _INNER_TOL_MAX)
@@ -183,102 +271,151 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     # set; DAQP's default 1e-6 would stop on answers that the certification rejects. eta_prox:
     # the proximal iterations of a singular H stop once x moves less than eta_prox / eps_prox,
     # which is also the error of their multipliers (DAQP's default cap: 1e-6).
-    options = dict(primal_tol=inner_tol, eta_prox=inner_tol)
+    return _DaqpOptions(_import_daqp().solve, dict(primal_tol=inner_tol, eta_prox=inner_tol), tol, dtype)
 
-    x_out = np.zeros((B, n))
-    w_out = np.zeros((B, k))
-    flags = np.full(B, _DAQP_OPTIMAL, dtype=np.int64)
-    iters = np.zeros(B, dtype=np.int64)
-    direct = np.ones(B, dtype=bool)  # the problems DAQP gets in their own form
-    certified = np.zeros(B, dtype=bool)
-    solve = daqp.solve
-    sH, sg, sG, sl, su = (int(a.shape[0] > 1) for a in (H, g, G, lo, hi))
-    ldp = None
-    if n > 0:
-        # Strictly convex problems first, as least-distance problems (_LeastDistanceForm): DAQP
-        # then skips its own factorizations, the most of its time on dense problems.
-        ldp = _LeastDistanceForm.build(problem, H_zero, factor, G)
-        if ldp is not None:
-            idx = np.flatnonzero(ldp.usable)
-            x_l, w_l, flags_l, iters_l = ldp.solve(solve, idx, options)
-            x_out[idx], w_out[idx], flags[idx], iters[idx] = x_l, w_l, flags_l, iters_l
-            ok = flags_l == _DAQP_OPTIMAL
-            every = idx.size == B
-            pick = lambda a: a if a.shape[0] == 1 or every else a[idx]  # noqa: E731
-            certified[idx] = ok & _certify(pick(H), pick(g), pick(G), pick(lo), pick(hi), p, _rounded(x_l, dtype),
-                                           _rounded(w_l, dtype), tol)
-            # Any miss, an infeasible verdict too, is retried in the problem's own form, on the
-            # ladder of tolerances.
-            direct[idx] = ~certified[idx]
-        for i in np.flatnonzero(direct):
-            data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
-            x, w, flag, its, ok = _solve_direct(solve, data, sense, p, options, tol, dtype)
-            flags[i], certified[i] = flag, ok
-            iters[i] += its
-            if flag == _DAQP_OPTIMAL:
-                x_out[i], w_out[i] = x, w
 
-    shift_out = np.zeros((B, k))
-    shifted = np.zeros(B, dtype=bool)
-    if certified.all():
-        # (The common case: every problem certified on its least-distance form. Its answer is then
-        # finite, and nothing is left to shift or recheck.)
-        x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
-        status = np.full(B, int(Status.SOLVED), dtype=np.int64)
-    else:
-        # Infeasible problems: the closest feasible QP, in two DAQP solves (see _closest_feasible_ladder),
-        # kept only where certified.
-        # DAQP's verdict of dependent equality rows says nothing about feasibility: such rows may be
-        # inconsistent (a repeated row with another right-hand side, or one that float32's rounding
-        # tilted by 1e-7, which DAQP calls dependent at its tolerance), so those problems try the
-        # closest feasible QP too, kept only where the shift is more than round-off (a consistent
-        # dependent set stays the ALM's to solve).
-        if settings.closest_feasible and n > 0:
-            for i in np.flatnonzero((flags == _DAQP_INFEASIBLE) | (flags == _DAQP_DEPENDENT_EQUALITIES)):
-                data = (None if H_zero[i * sH] else H[i * sH], g[i * sg], G[i * sG], lo[i * sl], hi[i * su])
-                found = _closest_feasible_ladder(solve, data, sense, p, options, tol, dtype,
-                                                 require_shift=flags[i] == _DAQP_DEPENDENT_EQUALITIES)
-                if found is not None:
-                    x_out[i], w_out[i], shift_out[i], extra = found
-                    iters[i] += extra
-                    shifted[i] = True
+def _to_host(problem: QPProblem) -> _HostBatch:
+    """The canonical batch as DAQP's host arrays (:class:`_HostBatch`)."""
+    B, p, m = problem.batch_size, problem.p, problem.m
+    H = _host(problem.H)
+    b = _host(problem.b)
+    G = _rows([_host(problem.A), _host(problem.C)], B)
+    lo = _rows([b, _host(problem.l)], B)
+    hi = _rows([b, _host(problem.u)], B)
+    g = _host(problem.g)
+    sense = np.zeros(p + m, dtype=np.intc)
+    sense[:p] = _DAQP_EQUALITY
+    strides = tuple(int(a.shape[0] > 1) for a in (H, g, G, lo, hi))
+    return _HostBatch(H, g, G, lo, hi, sense, p, _zero_hessians(H), strides)
 
-        finite = np.isfinite(x_out).all(-1) & np.isfinite(w_out).all(-1) & np.isfinite(shift_out).all(-1)
-        x_out[~finite] = 0.0
-        w_out[~finite] = 0.0
-        shift_out[~finite] = 0.0
-        shifted &= finite
-        # The answer is checked as it is returned: rounded to the input's dtype.
-        x_out, w_out = _rounded(x_out, dtype), _rounded(w_out, dtype)
-        solved = flags == _DAQP_OPTIMAL
-        certified &= finite
-        # (A shifted answer was certified as it was found, by _closest_feasible_ladder.)
 
-        status = np.full(B, int(Status.NUMERICAL_ERROR), dtype=np.int64)
-        for flag, st in _DAQP_STATUS.items():
-            status[flags == flag] = int(st)
-        status[solved & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
-        status[certified] = int(Status.SOLVED)
-        status[shifted] = int(Status.CLOSEST_FEASIBLE)
-        certified = certified | shifted
+def _zero_hessians(H: np.ndarray) -> list:
+    """Which of the (B|1,n,n) Hessians are zero (LPs), as a list of bools.
 
-    out = dict(dtype=dtype, device=device)
-    x_t = _device_tensor(x_out, dtype, device)
-    w_t = _device_tensor(w_out, dtype, device)
-    shift = torch.zeros(B, k, **out)
-    if shifted.any():
+    A strictly convex problem goes to DAQP as a least-distance problem (_LeastDistanceForm).
+    An LP (H = 0) goes to DAQP without a Hessian: its LP mode returns exact multipliers, where a
+    zero matrix would get the proximal iterations of a singular H, whose multipliers are only good
+    to ~eta_prox. Any other H goes as it is, with DAQP's automatic proximal regularization (a
+    negative eps_prox, its default): DAQP's own Cholesky factorization of H decides, so only a
+    singular one gets the proximal outer iterations. (A zero diagonal first: for a positive
+    semi-definite H only a zero H has one, and the test reads n entries instead of n^2; the full
+    test confirms it.)
+    """
+    H_zero = ~np.diagonal(H, axis1=-2, axis2=-1).any(axis=-1)
+    if H_zero.any():
+        H_zero[H_zero] = ~H[H_zero].reshape(int(H_zero.sum()), -1).any(axis=1)
+    return H_zero.tolist()
+
+
+def _solve_least_distance(problem: QPProblem, host: _HostBatch, factor: Optional["LeastDistanceFactor"],
+                          daqp: _DaqpOptions, answers: _Answers) -> "_LeastDistanceForm | None":
+    """The strictly convex problems as least-distance problems (:class:`_LeastDistanceForm`): DAQP
+    then skips its own factorizations, the most of its time on dense problems. Writes their
+    answers, flags, iterations and certification into ``answers``; returns the form (None when no
+    problem qualifies)."""
+    ldp = _LeastDistanceForm.build(problem, host.H_zero, factor, host.G)
+    if ldp is None:
+        return None
+    idx = np.flatnonzero(ldp.usable)
+    x, w, flags, iters = ldp.solve(daqp.solve, idx, daqp.options)
+    answers.x[idx], answers.w[idx], answers.flags[idx], answers.iterations[idx] = x, w, flags, iters
+    H, g, G, lo, hi = host.select(idx, every=idx.size == answers.x.shape[0])
+    ok = flags == _DAQP_OPTIMAL
+    answers.certified[idx] = ok & _certify(H, g, G, lo, hi, host.p, _rounded(x, daqp.dtype),
+                                           _rounded(w, daqp.dtype), daqp.tol)
+    return ldp
+
+
+def _solve_direct_form(host: _HostBatch, idx: np.ndarray, daqp: _DaqpOptions, answers: _Answers) -> None:
+    """Problems ``idx`` in their own form, each on DAQP's tolerance ladder (:func:`_solve_direct`);
+    their flag and certification replace the ones in ``answers``, their iterations add up, and an
+    optimal answer replaces x and w."""
+    for i in idx:
+        x, w, flag, its, ok = _solve_direct(daqp.solve, host.problem(i), host.sense, host.p, daqp.options,
+                                            daqp.tol, daqp.dtype)
+        answers.flags[i], answers.certified[i] = flag, ok
+        answers.iterations[i] += its
+        if flag == _DAQP_OPTIMAL:
+            answers.x[i], answers.w[i] = x, w
+
+
+def _solve_closest_feasible(host: _HostBatch, daqp: _DaqpOptions, answers: _Answers) -> None:
+    """Infeasible problems: the closest feasible QP, in two DAQP solves (see
+    :func:`_closest_feasible_ladder`), written into ``answers`` (x, w, shift, ``shifted``, added
+    iterations) only where certified.
+
+    DAQP's verdict of dependent equality rows says nothing about feasibility: such rows may be
+    inconsistent (a repeated row with another right-hand side, or one that float32's rounding
+    tilted by 1e-7, which DAQP calls dependent at its tolerance), so those problems try the closest
+    feasible QP too, kept only where the shift is more than round-off (a consistent dependent set
+    stays the ALM's to solve).
+    """
+    flags = answers.flags
+    for i in np.flatnonzero((flags == _DAQP_INFEASIBLE) | (flags == _DAQP_DEPENDENT_EQUALITIES)):
+        found = _closest_feasible_ladder(daqp.solve, host.problem(i), host.sense, host.p, daqp.options, daqp.tol,
+                                         daqp.dtype, require_shift=flags[i] == _DAQP_DEPENDENT_EQUALITIES)
+        if found is not None:
+            answers.x[i], answers.w[i], answers.shift[i], extra = found
+            answers.iterations[i] += extra
+            answers.shifted[i] = True
+
+
+def _settle(answers: _Answers, dtype: torch.dtype, all_certified: bool) -> None:
+    """The answers as returned, in place: non-finite ones zeroed and uncertified, x and w rounded
+    to ``dtype`` (the values that were certified), the status set and shifted answers counted as
+    certified. ``all_certified``: every problem was certified before the closest-feasible phase
+    (the common case: every answer is then finite, and nothing is left to shift or recheck)."""
+    a = answers
+    if all_certified:
+        a.x, a.w = _rounded(a.x, dtype), _rounded(a.w, dtype)
+        a.status = np.full(a.x.shape[0], int(Status.SOLVED), dtype=np.int64)
+        return
+    finite = np.isfinite(a.x).all(-1) & np.isfinite(a.w).all(-1) & np.isfinite(a.shift).all(-1)
+    a.x[~finite] = 0.0
+    a.w[~finite] = 0.0
+    a.shift[~finite] = 0.0
+    a.shifted &= finite
+    # The answer is checked as it is returned: rounded to the input's dtype.
+    a.x, a.w = _rounded(a.x, dtype), _rounded(a.w, dtype)
+    a.certified &= finite
+    # (A shifted answer was certified as it was found, by _closest_feasible_ladder.)
+    a.status = _statuses(a.flags, a.certified, a.shifted)
+    a.certified = a.certified | a.shifted
+
+
+def _statuses(flags: np.ndarray, certified: np.ndarray, shifted: np.ndarray) -> np.ndarray:
+    """(B,) int64 :class:`Status` values from DAQP's exit flags (B,), the certification (B,) and
+    the certified closest-feasible answers (B,)."""
+    status = np.full(flags.shape[0], int(Status.NUMERICAL_ERROR), dtype=np.int64)
+    for flag, st in _DAQP_STATUS.items():
+        status[flags == flag] = int(st)
+    status[(flags == _DAQP_OPTIMAL) & ~certified] = int(Status.MAX_ITER)  # DAQP's answer missed the tolerance
+    status[certified] = int(Status.SOLVED)
+    status[shifted] = int(Status.CLOSEST_FEASIBLE)
+    return status
+
+
+def _to_solution(problem: QPProblem, answers: _Answers, tol: Tolerance) -> QPSolution:
+    """The settled answers as a :class:`QPSolution` in the problem's dtype and device."""
+    dtype, device = problem.H.dtype, problem.H.device
+    p, k = problem.p, answers.w.shape[-1]
+    x = _device_tensor(answers.x, dtype, device)
+    w = _device_tensor(answers.w, dtype, device)
+    shift = torch.zeros(answers.x.shape[0], k, dtype=dtype, device=device)
+    if answers.shifted.any():
         # The shift on the rows it really moves and alqp's choice among the shifted rows'
         # multipliers, as the ALM reports them (DAQP's are exact: no refit).
-        idx = torch.from_numpy(np.flatnonzero(shifted)).to(device)
+        idx = torch.from_numpy(np.flatnonzero(answers.shifted)).to(device)
         sub = problem.select(idx)
-        shift[idx], w_t[idx] = closest_feasible_output(
-            sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x_t[idx], w_t[idx],
-            torch.from_numpy(shift_out).to(**out).index_select(0, idx), tol.activity, polish=False)
-    solution = QPSolution(
-        x=x_t, y=w_t[:, :p], z=w_t[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
-        status=_device_tensor(status, torch.int64, device), iterations=_device_tensor(iters, torch.int64, device),
+        shift[idx], w[idx] = closest_feasible_output(
+            sub.H, sub.g, sub.A, sub.b, sub.C, sub.l, sub.u, x[idx], w[idx],
+            torch.from_numpy(answers.shift).to(dtype=dtype, device=device).index_select(0, idx), tol.activity,
+            polish=False)
+    return QPSolution(
+        x=x, y=w[:, :p], z=w[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:],
+        status=_device_tensor(answers.status, torch.int64, device),
+        iterations=_device_tensor(answers.iterations, torch.int64, device),
     )
-    return solution, _device_tensor(certified, torch.bool, device), None if ldp is None else ldp.factor
 
 
 def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
