@@ -380,8 +380,10 @@ def _finite_difference(P: QPProblem, start: tuple, resolved: _Resolved, rows: _S
     G0 = P.stacked_rows().to(W)
     rows0 = torch.cat([rows.eq, rows.above + rows.below], -1) > 0
     re = resolved.solution
-    xs = re.x.to(W).view(k, -1, n)
-    lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, -1, p + m)
+    # The batch size is spelled out: with p + m = 0 (no constraints) a -1 would be ambiguous.
+    S = x0.shape[0]
+    xs = re.x.to(W).view(k, S, n)
+    lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, S, p + m)
     lams = [_align_multipliers(lam, lam0, G0, rows0) for lam in lam_re]
     q = [lagrangian_data_gradient(xs[i], lams[i][:, :p], lams[i][:, p:], up0, lo0) for i in range(k)]
     tau = float(opts.tau)
