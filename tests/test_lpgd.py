@@ -521,3 +521,22 @@ def test_resolve_reuses_the_forward_factorization(monkeypatch, variant):
     reused = lpgd_backward(P, sol, *incoming, settings=SETTINGS, tau=0.01, variant=variant, factor=factor)
     for name in plain:
         torch.testing.assert_close(reused[name], plain[name], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", ["right", "left", "central"])
+def test_unconstrained_qp(variant):
+    """No A, no C (p = m = 0): x = -H^-1 g is affine in g, so every variant's dL/dg is the implicit
+    gradient -H^-1 dL/dx and the central one is exact for H too (was: a reshape error)."""
+    gen = torch.Generator().manual_seed(31)
+    H, g = _spd(gen, 3, 4), torch.randn(3, 4, generator=gen, dtype=DT)
+    w = torch.randn(3, 4, generator=gen, dtype=DT)
+    grads = {}
+    for backward in ("ift", LPGD(tau=1e-3, variant=variant)):
+        Hl, gl = H.clone().requires_grad_(True), g.clone().requires_grad_(True)
+        (w * solve_qp(Hl, gl, settings=SETTINGS, backward=backward).x).sum().backward()
+        grads[str(backward)] = (Hl.grad, gl.grad)
+    (H_ift, g_ift), (H_lpgd, g_lpgd) = grads.values()
+    assert torch.allclose(g_lpgd, g_ift, atol=1e-8, rtol=0)
+    assert torch.allclose(g_ift, -torch.linalg.solve(H, w), atol=1e-10, rtol=0)
+    if variant == "central":
+        assert torch.allclose(H_lpgd, H_ift, atol=1e-8, rtol=0)

@@ -111,7 +111,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -240,6 +240,183 @@ def _row_max(tensors, B: int) -> Tensor:
     return torch.stack([t.abs().amax(-1) if t.shape[-1] else t.new_zeros(B) for t in tensors]).amax(0)
 
 
+class _Incoming(NamedTuple):
+    """The incoming gradients dL/d(output) of a batch, zero where not given.
+
+    Attributes:
+        x (B,n), y (B,p), z (B,m), s_eq (B,p), s_in (B,m).
+    """
+
+    x: Tensor
+    y: Tensor
+    z: Tensor
+    s_eq: Tensor
+    s_in: Tensor
+
+
+class _ShiftedRows(NamedTuple):
+    """The forward's shifted rows (closest-feasible problems only), float 0/1.
+
+    Attributes:
+        above, below: (B,m) inequality rows shifted above / below their bounds.
+        eq: (B,p) shifted equality rows.
+    """
+
+    above: Tensor
+    below: Tensor
+    eq: Tensor
+
+
+class _Resolved(NamedTuple):
+    """The re-solve of the S selected problems, ``copies`` perturbations each (one per step of
+    the variant: 1, or 2 for "central", stacked step-major).
+
+    Attributes:
+        solution: :class:`QPSolution` of the copies * S perturbed problems.
+        copies: 1 or 2.
+        ok: (S,) bool, whether every copy of the problem has a solution.
+    """
+
+    solution: QPSolution
+    copies: int
+    ok: Tensor
+
+
+def _options(tau: Optional[float], variant: Optional[str], proximal: Optional[float]) -> LPGD:
+    """The validated options, None taking the default."""
+    return LPGD(tau=DEFAULT_TAU if tau is None else tau, variant=DEFAULT_VARIANT if variant is None else variant,
+                proximal=DEFAULT_PROXIMAL if proximal is None else proximal)
+
+
+def _steps(opts: LPGD) -> tuple:
+    """The signed perturbation sizes of the variant: (tau,), (-tau,) or (tau, -tau)."""
+    tau = float(opts.tau)
+    return {"right": (tau,), "left": (-tau,), "central": (tau, -tau)}[opts.variant]
+
+
+def _resolve(P: QPProblem, start: tuple, forward_solved: Tensor, g_sel: tuple, opts: LPGD,
+             settings: Settings, factor) -> _Resolved:
+    """Solve the perturbed problems of the S selected problems ``P`` in one batched call.
+
+    Args:
+        P: the selected problems.  start: the forward's (x (S,n), y (S,p), z (S,m)) of them.
+        forward_solved: (S,) bool, whether the forward status is SOLVED (not closest-feasible).
+        g_sel: incoming gradients (S,n) (with the shift's part), (S,p), (S,m).
+        factor: the forward's factorization of the selected problems, or None.
+    """
+    x0, y0, z0 = start
+    parts = [perturbed_problem(P, x0, *g_sel, s, float(opts.proximal)) for s in _steps(opts)]
+    batch = parts[0] if len(parts) == 1 else _cat_problems(*parts)
+    k = len(parts)
+    # Warm start from the forward's solution. Closest-feasible problems restart from x* only:
+    # their reported multipliers have the component along s removed (it grows without bound
+    # in the ALM), and from those finite ones the ALM needs many more iterations (measured: ~7x
+    # a cold start) than from zero.
+    feas = forward_solved.unsqueeze(-1)
+    y_ws, z_ws = torch.where(feas, y0, torch.zeros_like(y0)), torch.where(feas, z0, torch.zeros_like(z0))
+    warm = (x0.repeat(k, 1), y_ws.repeat(k, 1), z_ws.repeat(k, 1))
+    re = solve_problem_factored(batch, settings, warm, factor=factor)[0]
+    return _Resolved(solution=re, copies=k, ok=has_solution(re.status).view(k, -1).all(0))
+
+
+def _report_failed_resolves(resolved: _Resolved, idx: Tensor, policy: str) -> None:
+    """Raise or warn, as ``Settings.failed_gradient`` says, about selected problems (batch
+    indices ``idx`` (S,)) whose re-solve has no solution."""
+    re_ok = resolved.ok
+    if bool(re_ok.all()):
+        return
+    # Unlike a failed forward, "zero" warns every time here: the failure says something about
+    # tau, not about the problem.
+    bad = int((~re_ok).sum())
+    failed_statuses = resolved.solution.status.view(resolved.copies, -1)[:, ~re_ok]
+    codes = sorted({Status(int(c)).name for c in failed_statuses.flatten()})
+    what = f"LPGD: the perturbed re-solve of {bad} problem(s) ended with status {codes}"
+    hint = "a smaller tau, or another variant, may help"
+    if policy == "raise":
+        raise RuntimeError(f"{what} (indices {idx[~re_ok][:8].tolist()}); "
+                           f"Settings.failed_gradient='raise'; {hint}")
+    # stacklevel 3: the caller of lpgd_backward.
+    warnings.warn(f"{what}; they get {'NaN' if policy == 'nan' else 'zero'} gradient ({hint})",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _warn_if_perturbation_lost(resolved: _Resolved, g_sel: tuple, tau: float, settings: Settings,
+                               dtype: torch.dtype) -> None:
+    """Warn about re-solves that took no step although the perturbation tau |incoming| (g_sel:
+    (S,n), (S,p), (S,m)) is well above the solver's tolerance."""
+    # Such a re-solve accepted the forward's solution: the perturbation was within the solver's
+    # tolerance, so the difference is zero, not a gradient. An incoming gradient at round-off
+    # level (e.g. from a loss already at its minimum) is no reason to warn.
+    eps_eff = resolve_tolerance(settings, dtype).activity
+    size = _row_max(g_sel, g_sel[0].shape[0])
+    re = resolved.solution
+    still = (re.iterations.view(resolved.copies, -1) == 0).any(0) & resolved.ok & (tau * size > 10 * eps_eff)
+    if bool(still.any()):
+        # stacklevel 3: the caller of lpgd_backward.
+        warnings.warn(f"LPGD: for {int(still.sum())} problem(s) the perturbation tau * dL/d(output) is "
+                      "within the solver's tolerance (the re-solve accepted the forward's solution); "
+                      "use a larger tau or a smaller Settings.eps_abs", RuntimeWarning, stacklevel=3)
+
+
+def _finite_difference(P: QPProblem, start: tuple, resolved: _Resolved, rows: _ShiftedRows,
+                       opts: LPGD) -> dict:
+    """The variant's difference quotient of q = grad_theta L between the re-solve and the forward.
+
+    Args:
+        P: the S selected problems.  start: their forward (x, y, z).  resolved: their re-solve.
+        rows: the forward's shifted rows of the selected problems.
+
+    Returns:
+        dict "H" (S,n,n), "g" (S,n), "A" (S,p,n), "b" (S,p), "C" (S,m,n), "l", "u" (S,m) in
+        WORK_DTYPE (non-finite where a re-solve failed).
+    """
+    W, k, n, p, m = WORK_DTYPE, resolved.copies, P.n, P.p, P.m
+    x0, y0, z0 = (t.to(W) for t in start)
+    up0, lo0 = rows.above.to(W), rows.below.to(W)
+    q_star = lagrangian_data_gradient(x0, y0, z0, up0, lo0)
+    # The re-solve's multipliers are aligned to the forward's first (module docstring,
+    # "Closest-feasible problems"); a no-op where no row is shifted.
+    lam0 = torch.cat([y0, z0], -1)
+    G0 = P.stacked_rows().to(W)
+    rows0 = torch.cat([rows.eq, rows.above + rows.below], -1) > 0
+    re = resolved.solution
+    # The batch size is spelled out: with p + m = 0 (no constraints) a -1 would be ambiguous.
+    S = x0.shape[0]
+    xs = re.x.to(W).view(k, S, n)
+    lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, S, p + m)
+    lams = [_align_multipliers(lam, lam0, G0, rows0) for lam in lam_re]
+    q = [lagrangian_data_gradient(xs[i], lams[i][:, :p], lams[i][:, p:], up0, lo0) for i in range(k)]
+    tau = float(opts.tau)
+    if opts.variant == "right":
+        return {name: (q[0][name] - q_star[name]) / tau for name in q_star}
+    if opts.variant == "left":
+        return {name: (q_star[name] - q[0][name]) / tau for name in q_star}
+    return {name: (q[0][name] - q[1][name]) / (2 * tau) for name in q_star}
+
+
+def _store(out: dict, idx: Tensor, diff: dict, re_ok: Tensor, policy: str) -> None:
+    """out[name][idx] = diff[name], or the failure policy's value (NaN or 0) where re_ok (S,) is
+    False."""
+    for name, d in diff.items():
+        # A failed re-solve's x may be non-finite: select, do not multiply.
+        failed_value = torch.full_like(d, float("nan")) if policy == "nan" else torch.zeros_like(d)
+        out[name][idx] = torch.where(re_ok.view(-1, *([1] * (d.dim() - 1))), d, failed_value)
+
+
+def _add_shift_terms(out: dict, x: Tensor, ok: Tensor, incoming: _Incoming, rows: _ShiftedRows) -> None:
+    """Add the explicit terms of the loss on the shift (s_eq = A x - b, s_in,V = C_V x - bound_V)
+    at x (B,n), for the problems with a solution (ok (B,) bool); ``incoming.s_eq`` (B,p) and
+    ``incoming.s_in`` (B,m) are already restricted to the shifted rows."""
+    x_w = x.to(WORK_DTYPE)
+    fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
+    gse_w, gsi_w = fin(incoming.s_eq.to(WORK_DTYPE)), fin(incoming.s_in.to(WORK_DTYPE))
+    out["A"] = out["A"] + _outer(gse_w, fin(x_w))
+    out["b"] = out["b"] - gse_w
+    out["C"] = out["C"] + _outer(gsi_w, fin(x_w))
+    out["u"] = out["u"] - rows.above.to(WORK_DTYPE) * gsi_w
+    out["l"] = out["l"] - rows.below.to(WORK_DTYPE) * gsi_w
+
+
 def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Tensor] = None,
                   grad_y: Optional[Tensor] = None, grad_z: Optional[Tensor] = None,
                   grad_s_eq: Optional[Tensor] = None, grad_s_in: Optional[Tensor] = None,
@@ -263,108 +440,41 @@ def lpgd_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional[Ten
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above, in
         the problem's dtype and device; dL/dH is symmetric; dL/dl, dL/du are 0 at infinite bounds.
     """
-    opts = LPGD(tau=DEFAULT_TAU if tau is None else tau, variant=DEFAULT_VARIANT if variant is None else variant,
-                proximal=DEFAULT_PROXIMAL if proximal is None else proximal)
+    opts = _options(tau, variant, proximal)
     settings = settings or Settings()
-    dtype = problem.H.dtype
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
-    W = WORK_DTYPE
-
-    gx, gy, gz, gse, gsi = (rows_or_zeros(t, B, k, problem.H) for t, k in
-                            ((grad_x, n), (grad_y, p), (grad_z, m), (grad_s_eq, p), (grad_s_in, m)))
-    status = solution.status
-    (gx, gy, gz, gse, gsi), nan_rows = screen_incoming(status, (gx, gy, gz, gse, gsi), settings)
-
-    ok = has_solution(status)
-    out = {name: torch.zeros_like(t, dtype=W) for name, t in problem.tensors().items()}
+    given = (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in)
+    padded = (rows_or_zeros(t, B, k, problem.H) for t, k in zip(given, (n, p, m, p, m)))
+    screened, nan_rows = screen_incoming(solution.status, tuple(padded), settings)
+    incoming = _Incoming(*screened)
+    ok = has_solution(solution.status)
+    out = {name: torch.zeros_like(t, dtype=WORK_DTYPE) for name, t in problem.tensors().items()}
 
     # The shift is a function of x and the data (module docstring): its loss moves to x, plus the
     # explicit terms added at the end. Zero for SOLVED problems (their shift is identically 0).
-    above, below, eq_rows = violated_rows(problem, solution, settings)
-    gse = eq_rows * gse
-    gsi = (above + below) * gsi
-    gx_eff = gx + vm(gse, problem.A) + vm(gsi, problem.C)
+    rows = _ShiftedRows(*violated_rows(problem, solution, settings))
+    incoming = incoming._replace(s_eq=rows.eq * incoming.s_eq, s_in=(rows.above + rows.below) * incoming.s_in)
+    gx_eff = incoming.x + vm(incoming.s_eq, problem.A) + vm(incoming.s_in, problem.C)
 
     # Only problems that have a solution and some incoming gradient are re-solved.
-    nonzero = _row_max((gx_eff, gy, gz), B) > 0
+    nonzero = _row_max((gx_eff, incoming.y, incoming.z), B) > 0
     idx = (ok & nonzero).nonzero().squeeze(-1)
     if idx.numel() > 0:
-        P = problem.select(idx)
-        x0, y0, z0 = solution.x[idx], solution.y[idx], solution.z[idx]
-        g_x, g_y, g_z = gx_eff[idx], gy[idx], gz[idx]
-        tau_ = float(opts.tau)
-        steps = {"right": (tau_,), "left": (-tau_,), "central": (tau_, -tau_)}[opts.variant]
-        parts = [perturbed_problem(P, x0, g_x, g_y, g_z, s, float(opts.proximal)) for s in steps]
-        batch = parts[0] if len(parts) == 1 else _cat_problems(*parts)
-        k = len(parts)
-        # Warm start from the forward's solution. Closest-feasible problems restart from x* only:
-        # their reported multipliers have the component along s removed (it grows without bound
-        # in the ALM), and from those finite ones the ALM needs many more iterations (measured: ~7x
-        # a cold start) than from zero.
-        feas = (status[idx] == int(Status.SOLVED)).unsqueeze(-1)
-        y_ws, z_ws = torch.where(feas, y0, torch.zeros_like(y0)), torch.where(feas, z0, torch.zeros_like(z0))
-        warm = (x0.repeat(k, 1), y_ws.repeat(k, 1), z_ws.repeat(k, 1))
+        P, start = problem.select(idx), (solution.x[idx], solution.y[idx], solution.z[idx])
+        g_sel = (gx_eff[idx], incoming.y[idx], incoming.z[idx])
         # The perturbation leaves H, A and C alone (unless proximal): the forward's factorization
         # of the selected problems, once per step, serves the re-solve.
+        k = len(_steps(opts))
         re_factor = factor.select(idx, copies=k) if factor is not None and float(opts.proximal) == 0 else None
-        re = solve_problem_factored(batch, settings, warm, factor=re_factor)[0]
-        re_ok = has_solution(re.status).view(k, -1).all(0)
-        # A failed re-solve leaves its problem without a gradient, as a failed forward does: the
-        # failure policy decides what it gets, except that "zero" warns every time here (it says
-        # something about tau, not about the problem).
-        policy = settings.failed_gradient
-        if not bool(re_ok.all()):
-            bad = int((~re_ok).sum())
-            codes = sorted({Status(int(c)).name for c in re.status.view(k, -1)[:, ~re_ok].flatten()})
-            what = f"LPGD: the perturbed re-solve of {bad} problem(s) ended with status {codes}"
-            hint = "a smaller tau, or another variant, may help"
-            if policy == "raise":
-                raise RuntimeError(f"{what} (indices {idx[~re_ok][:8].tolist()}); "
-                                   f"Settings.failed_gradient='raise'; {hint}")
-            warnings.warn(f"{what}; they get {'NaN' if policy == 'nan' else 'zero'} gradient ({hint})",
-                          RuntimeWarning, stacklevel=2)
-        # A re-solve that took no step accepted the forward's solution: the perturbation was within
-        # the solver's tolerance, so the difference is zero, not a gradient. Worth a warning only
-        # where the perturbation of the residuals, tau |incoming|, is well above that tolerance
-        # (an incoming gradient at round-off level, e.g. from a loss already at its minimum, is not).
-        eps_eff = resolve_tolerance(settings, dtype).activity
-        size = _row_max((g_x, g_y, g_z), idx.numel())
-        still = (re.iterations.view(k, -1) == 0).any(0) & re_ok & (tau_ * size > 10 * eps_eff)
-        if bool(still.any()):
-            warnings.warn(f"LPGD: for {int(still.sum())} problem(s) the perturbation tau * dL/d(output) is "
-                          "within the solver's tolerance (the re-solve accepted the forward's solution); "
-                          "use a larger tau or a smaller Settings.eps_abs", RuntimeWarning, stacklevel=2)
-        to_w = lambda t: t.to(W)  # noqa: E731
-        up0, lo0 = above[idx].to(W), below[idx].to(W)
-        q_star = lagrangian_data_gradient(to_w(x0), to_w(y0), to_w(z0), up0, lo0)
-        lam0 = torch.cat([to_w(y0), to_w(z0)], -1)
-        G0 = P.stacked_rows().to(W)
-        rows0 = torch.cat([eq_rows[idx], above[idx] + below[idx]], -1) > 0
-        xs = to_w(re.x).view(k, -1, n)
-        lam_re = torch.cat([re.y, re.z], -1).to(W).view(k, -1, p + m)
-        lams = [_align_multipliers(lam, lam0, G0, rows0) for lam in lam_re]
-        q = [lagrangian_data_gradient(xs[i], lams[i][:, :p], lams[i][:, p:], up0, lo0) for i in range(k)]
-        if opts.variant == "right":
-            diff = {name: (q[0][name] - q_star[name]) / tau_ for name in q_star}
-        elif opts.variant == "left":
-            diff = {name: (q_star[name] - q[0][name]) / tau_ for name in q_star}
-        else:
-            diff = {name: (q[0][name] - q[1][name]) / (2 * tau_) for name in q_star}
-        for name, d in diff.items():
-            # A failed re-solve's x may be non-finite: select, do not multiply.
-            failed_value = torch.full_like(d, float("nan")) if policy == "nan" else torch.zeros_like(d)
-            out[name][idx] = torch.where(re_ok.view(-1, *([1] * (d.dim() - 1))), d, failed_value)
+        resolved = _resolve(P, start, solution.status[idx] == int(Status.SOLVED), g_sel, opts, settings, re_factor)
+        # A failed re-solve leaves its problem without a gradient, as a failed forward does.
+        _report_failed_resolves(resolved, idx, settings.failed_gradient)
+        _warn_if_perturbation_lost(resolved, g_sel, float(opts.tau), settings, problem.H.dtype)
+        rows_sel = _ShiftedRows(rows.above[idx], rows.below[idx], rows.eq[idx])
+        diff = _finite_difference(P, start, resolved, rows_sel, opts)
+        _store(out, idx, diff, resolved.ok, settings.failed_gradient)
 
-    # Explicit terms of the loss on the shift (s_eq = A x - b, s_in,V = C_V x - bound_V), at x*.
-    x_w = solution.x.to(W)
-    fin = lambda t: torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))  # noqa: E731
-    gse_w, gsi_w = fin(gse.to(W)), fin(gsi.to(W))
-    out["A"] = out["A"] + _outer(gse_w, fin(x_w))
-    out["b"] = out["b"] - gse_w
-    out["C"] = out["C"] + _outer(gsi_w, fin(x_w))
-    out["u"] = out["u"] - above.to(W) * gsi_w
-    out["l"] = out["l"] - below.to(W) * gsi_w
-
+    _add_shift_terms(out, solution.x, ok, incoming, rows)
     out["l"] = torch.where(torch.isfinite(problem.l), out["l"], torch.zeros_like(out["l"]))
     out["u"] = torch.where(torch.isfinite(problem.u), out["u"], torch.zeros_like(out["u"]))
-    return mark_nan({name: t.to(dtype) for name, t in out.items()}, nan_rows)
+    return mark_nan({name: t.to(problem.H.dtype) for name, t in out.items()}, nan_rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -100,42 +101,47 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: bool = True) -> QPProblem:
-    """Validate the QP data and broadcast it to a common batch size.
+class _BatchLayout(NamedTuple):
+    """How the given arguments batch.
 
-    Args:
-        H: (n,n) or (B,n,n).  g: (n,) or (B,n).
-        A: (p,n) or (B,p,n), or None.  b: (p,) or (B,p), or None (given together with A).
-        C: (m,n) or (B,m,n), or None.  l, u: (m,) or (B,m), or None (a missing side is unbounded).
-        check_symmetry: reject H that is not symmetric within sqrt(finfo.eps) relative tolerance.
-
-    Returns:
-        A :class:`QPProblem` whose tensors are detached, have the batch dimension, and H symmetrized.
-
-    Raises:
-        TypeError: a non-tensor argument, a non-floating dtype, or mixed dtypes.
-        ValueError: a wrong shape, batch sizes that do not broadcast, mixed devices, NaN/Inf in
-            H, g, A, b, C, NaN in l, u, l > u, or H not symmetric.
+    Attributes:
+        size: the common batch size B (1 when no argument has a batch dimension).
+        batched: for each given argument name, whether it had a batch dimension.
+        unbatched: True when no argument had one (the outputs then drop B).
     """
+
+    size: int
+    batched: dict
+    unbatched: bool
+
+
+def _check_blocks(A, b, C, l, u) -> None:
+    """Reject a constraint block given in part: A without b (or b without A), bounds without C, C
+    without any bound."""
     if (A is None) != (b is None):
         raise ValueError("A and b must be given together (got only " + ("A" if b is None else "b") + ")")
     if C is None and (l is not None or u is not None):
         raise ValueError("l or u given without C")
     if C is not None and l is None and u is None:
         raise ValueError("C given without l or u")
-    given = {"H": H, "g": g, "A": A, "b": b, "C": C, "l": l, "u": u}
-    present = {k: v for k, v in given.items() if v is not None}
+
+
+def _check_types(present: dict) -> None:
+    """Each given argument (name -> tensor, in ARG_NAMES order) is a floating tensor of 2 or 3
+    (matrices) / 1 or 2 (vectors) dimensions, and all share one dtype and one device."""
     for name, t in present.items():
         _check_tensor(name, t, _CORE_NDIM[name])
-
     dtypes = {name: t.dtype for name, t in present.items()}
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"all QP tensors must share one dtype, got {dtypes}")
     devices = {name: t.device for name, t in present.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all QP tensors must be on one device, got {devices}")
-    dtype, device = H.dtype, H.device
 
+
+def _check_sizes(H: Tensor, g: Tensor, A, b, C, l, u) -> None:
+    """The per-problem sizes agree: H (n,n), g (n,), A (p,n) with b (p,), C (m,n) with l, u (m,)
+    (each possibly with a leading batch dimension; None for an absent block)."""
     n = H.shape[-1]
     if H.shape[-2] != n:
         raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
@@ -156,14 +162,20 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
                     f"{name} must have {C.shape[-2]} entries (C has {C.shape[-2]} rows), got shape {tuple(t.shape)}"
                 )
 
+
+def _batch_layout(present: dict) -> _BatchLayout:
+    """The common batch size of the given arguments (name -> tensor, shapes already checked):
+    batch dimensions must be equal or 1."""
     batched = {name: (t.dim() == _CORE_NDIM[name] + 1) for name, t in present.items()}
     sizes = {name: present[name].shape[0] for name, is_b in batched.items() if is_b}
     distinct = set(sizes.values()) - {1}
     if len(distinct) > 1:
         raise ValueError(f"batch sizes do not broadcast: {sizes}")
-    B = distinct.pop() if distinct else 1
-    unbatched = not sizes
+    return _BatchLayout(size=distinct.pop() if distinct else 1, batched=batched, unbatched=not sizes)
 
+
+def _check_finite_data(present: dict) -> None:
+    """H, g, A, b, C (those given, name -> tensor) hold no NaN or Inf."""
     data = [(name, present[name]) for name in ("H", "g", "A", "b", "C") if name in present]
     # One sum per tensor and a single check (a NaN or Inf anywhere makes the total non-finite);
     # only when it fails are the tensors checked one by one, to name the culprit.
@@ -171,24 +183,33 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
         for name, t in data:
             if not _all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_bounds(l, u) -> None:
+    """l (m,) or (B,m) and u (same, broadcastable) hold no NaN, l no +inf, u no -inf, and l <= u;
+    either may be None (that side unbounded)."""
     # The bounds in one pass (a NaN fails every comparison); only a failure is examined further.
     inf = float("inf")
     if l is not None and u is not None:
         bounds_ok = bool(((l <= u) & (l < inf) & (u > -inf)).all())
     else:
         bounds_ok = bool((l < inf).all()) if l is not None else u is None or bool((u > -inf).all())
-    if not bounds_ok:
-        for name in ("l", "u"):
-            t = present.get(name)
-            if t is not None and torch.isnan(t).any():
-                raise ValueError(f"{name} contains NaN")
-        if l is not None and (l == inf).any():
-            raise ValueError("l contains +inf (a lower bound must be finite or -inf)")
-        if u is not None and (u == -inf).any():
-            raise ValueError("u contains -inf (an upper bound must be finite or +inf)")
-        if l is not None and u is not None and (l > u).any():
-            raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
+    if bounds_ok:
+        return
+    for name, t in (("l", l), ("u", u)):
+        if t is not None and torch.isnan(t).any():
+            raise ValueError(f"{name} contains NaN")
+    if l is not None and (l == inf).any():
+        raise ValueError("l contains +inf (a lower bound must be finite or -inf)")
+    if u is not None and (u == -inf).any():
+        raise ValueError("u contains -inf (an upper bound must be finite or +inf)")
+    if l is not None and u is not None and (l > u).any():
+        raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
 
+
+def _symmetrized(H: Tensor, check_symmetry: bool) -> Tensor:
+    """(H + H') / 2 of H (n,n) or (B,n,n), detached; with ``check_symmetry``, H must first be
+    symmetric within sqrt(finfo.eps) relative to max(max |H|, 1)."""
     # Symmetrized before the batch is expanded, so a shared H stays one matrix. (H + H') is
     # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.
     H = _detached(H)
@@ -197,30 +218,65 @@ def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: b
         # (Compared as Python floats: at batch 1 each tensor operation costs more than the pass.)
         asym = float(max_abs(torch.sub(H2, H, alpha=2.0)))
         scale = max(float(max_abs(H)), 1.0)
-        if asym > torch.finfo(dtype).eps ** 0.5 * scale:
+        if asym > torch.finfo(H.dtype).eps ** 0.5 * scale:
             raise ValueError(f"H is not symmetric: max |H - H'| = {asym:.3g}")
-    H = H2.mul_(0.5)
+    return H2.mul_(0.5)
 
-    def batch(t: Tensor | None, core_shape: tuple, fill: float = 0.0) -> Tensor:
-        if t is None:
-            t = torch.full(core_shape, fill, dtype=dtype, device=device)
-        t = _detached(t)
-        if t.dim() == len(core_shape):
-            t = t.unsqueeze(0)
-        return t if t.shape[0] == B else t.expand(B, *core_shape)
 
+def _with_batch(t, core_shape: tuple, B: int, like: Tensor, fill: float = 0.0) -> Tensor:
+    """t (core_shape), (1, *core_shape) or (B, *core_shape), detached, as (B, *core_shape): an
+    expanded view when shared. An absent t (None) becomes ``fill`` in the dtype and device of
+    ``like``."""
+    if t is None:
+        t = torch.full(core_shape, fill, dtype=like.dtype, device=like.device)
+    t = _detached(t)
+    if t.dim() == len(core_shape):
+        t = t.unsqueeze(0)
+    return t if t.shape[0] == B else t.expand(B, *core_shape)
+
+
+def canonicalize(H, g, A=None, b=None, C=None, l=None, u=None, check_symmetry: bool = True) -> QPProblem:
+    """Validate the QP data and broadcast it to a common batch size.
+
+    Args:
+        H: (n,n) or (B,n,n).  g: (n,) or (B,n).
+        A: (p,n) or (B,p,n), or None.  b: (p,) or (B,p), or None (given together with A).
+        C: (m,n) or (B,m,n), or None.  l, u: (m,) or (B,m), or None (a missing side is unbounded).
+        check_symmetry: reject H that is not symmetric within sqrt(finfo.eps) relative tolerance.
+
+    Returns:
+        A :class:`QPProblem` whose tensors are detached, have the batch dimension, and H symmetrized.
+
+    Raises:
+        TypeError: a non-tensor argument, a non-floating dtype, or mixed dtypes.
+        ValueError: a wrong shape, batch sizes that do not broadcast, mixed devices, NaN/Inf in
+            H, g, A, b, C, NaN in l, u, l > u, or H not symmetric.
+    """
+    # The checks run in this order so that the first error met names the most basic problem
+    # (a missing argument before a wrong type, a type before a size, a size before the values).
+    _check_blocks(A, b, C, l, u)
+    present = {name: t for name, t in zip(ARG_NAMES, (H, g, A, b, C, l, u)) if t is not None}
+    _check_types(present)
+    _check_sizes(H, g, A, b, C, l, u)
+    layout = _batch_layout(present)
+    _check_finite_data(present)
+    _check_bounds(l, u)
+    H = _symmetrized(H, check_symmetry)
+
+    B, n = layout.size, H.shape[-1]
     p = A.shape[-2] if A is not None else 0
     m = C.shape[-2] if C is not None else 0
+    inf = float("inf")
     return QPProblem(
-        H=batch(H, (n, n)),
-        g=batch(g, (n,)),
-        A=batch(A, (p, n)),
-        b=batch(b, (p,)),
-        C=batch(C, (m, n)),
-        l=batch(l, (m,), -float("inf")),
-        u=batch(u, (m,), float("inf")),
-        batched={name: batched.get(name, False) for name in ARG_NAMES},
-        unbatched=unbatched,
+        H=_with_batch(H, (n, n), B, H),
+        g=_with_batch(g, (n,), B, H),
+        A=_with_batch(A, (p, n), B, H),
+        b=_with_batch(b, (p,), B, H),
+        C=_with_batch(C, (m, n), B, H),
+        l=_with_batch(l, (m,), B, H, -inf),
+        u=_with_batch(u, (m,), B, H, inf),
+        batched={name: layout.batched.get(name, False) for name in ARG_NAMES},
+        unbatched=layout.unbatched,
     )
 
 
