@@ -1,8 +1,7 @@
 """A per-call fast path for small QPs on the CPU (control loops: n of a few, batch of a few).
 
-At n = 2 and batch 5 the general path spends about a millisecond per call, almost all of it on
-the fixed cost of some hundred small torch operations (each several microseconds on a loaded CPU),
-not on arithmetic. This module does the same work on numpy arrays, in a handful of calls:
+At a few variables and a few problems the general path's time is the fixed cost of some hundred
+small torch operations, not arithmetic (the README's Performance section has the numbers). This module does the same work on numpy arrays, in a handful of calls:
 
 * :func:`solve_small`: one DAQP solve per problem in its own form (scaled as the general path's
   direct form, :func:`alqp.active_set._direct_scaling`), then the certification of
