@@ -83,10 +83,11 @@ def test_solved_meets_own_tolerance(solver, name, reference, keep_threads):
 
 
 # The ALM solved none of these before: PRIMALC5 ended DUAL_INFEASIBLE (it has a solution) with
-# unscaled rows, VALUES (smallest eigenvalue of H about -1.3e-5) ended NON_CONVEX. They now go
-# through the row-equilibrated retry and the raised proximal weight of alqp.solver; each takes
-# about a second here.
-@pytest.mark.parametrize("name", ["PRIMALC5", "VALUES"])
+# unscaled rows, VALUES (smallest eigenvalue of H about -1.3e-5) ended NON_CONVEX, QSCAGR7
+# STALLED. They now go through alqp.solver's retries (rows equilibrated; a 100 times smaller
+# proximal weight) and its raised proximal weight on a slightly indefinite H; each takes a second
+# or a few here.
+@pytest.mark.parametrize("name", ["PRIMALC5", "VALUES", "QSCAGR7"])
 def test_alm_solves_formerly_failed(name, reference, keep_threads):
     problem = mm.load_problem(DATA / f"{name}.mat")
     answer = mm.solve(problem, "alqp-alm", EPS, max_seconds=60.0, min_time=0.0, max_repeats=1)

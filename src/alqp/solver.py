@@ -124,7 +124,7 @@ def _solve_alm_certified(problem: QPProblem, settings: Settings, warm_start=None
     closest-feasible ones are solved again in float64 and certified, rounded, in their own dtype
     (the ALM's multipliers, residuals over the penalty, lose the digits float32 has at the penalty
     floor of an infeasible QP: a float32 closest-feasible x was off by 2e-2)."""
-    solution = _solve_alm_with_row_scaled_retry(problem, settings, warm_start)
+    solution = _solve_alm_with_retries(problem, settings, warm_start)
     if problem.H.dtype == torch.float64:
         return solution
     status = solution.status
@@ -147,38 +147,48 @@ def _solve_alm_certified(problem: QPProblem, settings: Settings, warm_start=None
     return QPSolution(*(t.index_copy(0, keep, a[better]) for t, a in zip(solution, again)))
 
 
-def _solve_alm_with_row_scaled_retry(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
-    """The ALM on a canonical batch, certified (:func:`_certified`), with a second chance, rows
-    equilibrated, for the problems that closest-feasible mode fails.
+#: The second chances of a problem that closest-feasible mode leaves without a solution, tried in
+#: order on the problems still without one: (closest_feasible, factor on Settings.rho).
+RETRY_LADDER = ((False, 1.0), (True, 1e-2), (False, 1e-2))
 
-    Closest-feasible mode leaves the rows unscaled (a row scaling would change the metric in which
-    the shift is the least-squares one), and on badly scaled feasible QPs that costs the ALM its
-    accuracy: Maros-Meszaros PRIMALC1 and PRIMALC2 stall and PRIMALC5 ends wrongly unbounded with
-    unscaled rows, and all three solve in 12 to 80 Newton steps with them. A feasible QP's
-    solution does not depend on the row metric, so the problems that end without a solution
-    (neither SOLVED nor CLOSEST_FEASIBLE) are solved again with their rows equilibrated and
-    closest-feasible mode off, from a cold start; that answer replaces the first only where it
-    is SOLVED.
+
+def _solve_alm_with_retries(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
+    """The ALM on a canonical batch, certified (:func:`_certified`), with second chances
+    (:data:`RETRY_LADDER`) for the problems that closest-feasible mode leaves without a solution.
+
+    - Rows equilibrated: closest-feasible mode leaves the rows unscaled (a row scaling would change
+      the metric in which the shift is the least-squares one), and on badly scaled feasible QPs
+      that costs the ALM its accuracy: Maros-Meszaros PRIMALC1 and PRIMALC2 stall and PRIMALC5
+      ends wrongly unbounded with unscaled rows; all three solve in 12 to 80 Newton steps with them.
+    - A proximal weight 100 times smaller: the weight keeps every Newton system positive definite,
+      and it also damps each step toward the previous iterate; on degenerate LP-like problems the
+      outer loop then drifts at its round-off floor. QBEACONF and QBORE3D (rows unscaled) and
+      QSCAGR7 and QSHARE1B (rows equilibrated) stall at rho = 1e-6 and solve at 1e-8.
+
+    A feasible QP's solution depends on neither, so each retry, from a cold start, replaces the
+    answer only where it is SOLVED; ``iterations`` counts the work of every solve. The retries run
+    only in closest-feasible mode (the default), and cost time only on problems that fail.
 
     Returns:
         :class:`QPSolution`, batched, certified.
     """
-    first = _certified(problem, solve_alm(problem, settings, warm_start), settings)
+    solution = _certified(problem, solve_alm(problem, settings, warm_start), settings)
     if not settings.closest_feasible:
-        return first
-    retry = ~has_solution(first.status)
-    if not bool(retry.any()):
-        return first
-    idx = retry.nonzero().squeeze(-1)
-    sub = problem.select(idx)
-    again = _certified(sub, solve_alm(sub, replace(settings, closest_feasible=False)), settings)
-    better = again.status == int(Status.SOLVED)
-    iterations = first.iterations.index_add(0, idx, again.iterations)
-    if not bool(better.any()):
-        return first._replace(iterations=iterations)
-    keep = idx[better]
-    merged = QPSolution(*(t.index_copy(0, keep, a[better]) for t, a in zip(first[:6], again[:6])), iterations)
-    return merged
+        return solution
+    for closest_feasible, rho_factor in RETRY_LADDER:
+        retry = ~has_solution(solution.status)
+        if not bool(retry.any()):
+            break
+        idx = retry.nonzero().squeeze(-1)
+        sub = problem.select(idx)
+        step = replace(settings, closest_feasible=closest_feasible, rho=settings.rho * rho_factor)
+        again = _certified(sub, solve_alm(sub, step), settings)
+        better = again.status == int(Status.SOLVED)
+        iterations = solution.iterations.index_add(0, idx, again.iterations)
+        keep = idx[better]
+        solution = QPSolution(*(t.index_copy(0, keep, a[better]) for t, a in zip(solution[:6], again[:6])),
+                              iterations)
+    return solution
 
 
 def _certified(problem: QPProblem, solution: QPSolution, settings: Settings) -> QPSolution:
