@@ -533,6 +533,10 @@ class _LeastDistanceForm:
         flags = np.full(idx.size, _DAQP_OPTIMAL, dtype=np.int64)
         # The direct solve of the equality-constrained problem (v_A) counts as one iteration.
         iters = np.ones(idx.size, dtype=np.int64)
+        # (The scales of all problems in one pass: per problem, numpy's per-call cost dominated.)
+        whole = idx.size == self.lo.shape[0]
+        pick = lambda a: a if whole else a[idx]  # noqa: E731
+        kappas = _ldp_scales(self.R if sR == 0 else pick(self.R), pick(self.lo), pick(self.hi)) if m else None
         # --- alqp.pool: the solves in chunks, on threads for large batches (each j its own rows) ---
         def solve_chunk(chunk: range) -> None:
             for j in chunk:
@@ -542,7 +546,7 @@ class _LeastDistanceForm:
                 # rows) have size one, so that its absolute tolerances are relative ones. (The
                 # bounds scale as sqrt of the data's units here: an LDP of data times 1e-12 had
                 # bounds of 1e-6 against a primal tolerance of 1e-9.)
-                kappa = _ldp_scale(R_i, lo_i, hi_i)
+                kappa = kappas[j]
                 v_j, _, flag, info = solve(None, None, R_i, hi_i / kappa, lo_i / kappa, sense, **options)
                 flags[j] = flag
                 iters[j] += info["iterations"]
@@ -565,14 +569,15 @@ class _LeastDistanceForm:
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
 
 
-def _ldp_scale(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-    """The size of the least-distance problem lo <= R u <= hi (R (m,n)): the largest finite bound
-    over its row's norm (the distance of that bound's hyperplane from 0), 1 when there is none."""
-    norms = np.sqrt(np.einsum("ij,ij->i", R, R))
+def _ldp_scales(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(B,) the size of each least-distance problem lo <= R u <= hi (R (B|1,m,n), lo, hi (B,m)):
+    the largest finite bound over its row's norm (the distance of that bound's hyperplane from 0),
+    1 when there is none."""
+    norms = np.sqrt(np.einsum("bij,bij->bi", R, R))
     bound = np.maximum(np.where(np.isfinite(lo), np.abs(lo), 0.0), np.where(np.isfinite(hi), np.abs(hi), 0.0))
     ratio = np.where(norms > 0, bound / np.where(norms > 0, norms, 1.0), 0.0)
-    kappa = float(ratio.max(initial=0.0))
-    return kappa if kappa > 0 and np.isfinite(kappa) else 1.0
+    kappa = ratio.max(axis=-1, initial=0.0)
+    return np.where((kappa > 0) & np.isfinite(kappa), kappa, 1.0).tolist()
 
 
 def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[LeastDistanceFactor]:
@@ -589,7 +594,9 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
 
     # (usable and the pivot tests on numpy views: a few small vectors, where torch's per-call cost
     # would dominate at batch 1.)
-    L, info = torch.linalg.cholesky_ex(H)
+    # H.mT: the same matrix (a canonical H is symmetric bit for bit, canonicalize's (H + H')/2)
+    # already in LAPACK's column-major layout, so torch skips its transposing copy of the batch.
+    L, info = torch.linalg.cholesky_ex(H.mT)
     usable = (info.numpy() == 0) & _pivots_fine(L, H)
     if not usable.any():
         return None
@@ -614,8 +621,10 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         S_factor, R = L.new_zeros(L.shape[0], 0, 0), M_C
         K = W = L.new_zeros(L.shape[0], 0, C.shape[-2])
     # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-    scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
-                                        np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
+    # (max |G| as max(max G, -min G): two reductions without an |G| temporary of the batch.)
+    Gn = G.numpy()
+    G_size = np.maximum(Gn.max(axis=(-2, -1), initial=0.0), -Gn.min(axis=(-2, -1), initial=0.0))
+    scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0), G_size))
     usable = torch.from_numpy(usable)
     return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K, W,
                                R.contiguous(), M_C.square().sum(-1), scale)
