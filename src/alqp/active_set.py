@@ -536,26 +536,30 @@ class _LeastDistanceForm:
         # (The scales of all problems in one pass: per problem, numpy's per-call cost dominated.)
         whole = idx.size == self.lo.shape[0]
         pick = lambda a: a if whole else a[idx]  # noqa: E731
-        kappas = _ldp_scales(self.R if sR == 0 else pick(self.R), pick(self.lo), pick(self.hi)) if m else None
+        if m:
+            lo, hi = pick(self.lo), pick(self.hi)
+            kappas = _ldp_scales(self.R if sR == 0 else pick(self.R), lo, hi)[:, None]
+            # (Each problem's bounds over its kappa, and below u and z times it, in one pass each.)
+            lo_scaled, hi_scaled = lo / kappas, hi / kappas
         # --- alqp.pool: the solves in chunks, on threads for large batches (each j its own rows) ---
         def solve_chunk(chunk: range) -> None:
             for j in chunk:
                 i = idx[j]
-                R_i, lo_i, hi_i = self.R[i * sR], self.lo[i], self.hi[i]
                 # u = kappa v, z = kappa lam: DAQP solves for v, whose bounds (on its normalized
                 # rows) have size one, so that its absolute tolerances are relative ones. (The
                 # bounds scale as sqrt of the data's units here: an LDP of data times 1e-12 had
                 # bounds of 1e-6 against a primal tolerance of 1e-9.)
-                kappa = kappas[j]
-                v_j, _, flag, info = solve(None, None, R_i, hi_i / kappa, lo_i / kappa, sense, **options)
+                v_j, _, flag, info = solve(None, None, self.R[i * sR], hi_scaled[j], lo_scaled[j], sense, **options)
                 flags[j] = flag
                 iters[j] += info["iterations"]
                 if flag == _DAQP_OPTIMAL:
-                    u_out[j] = kappa * v_j
-                    z_out[j] = kappa * info["lam"]
+                    u_out[j] = v_j
+                    z_out[j] = info["lam"]
 
         if m:
             run_chunked(solve_chunk, idx.size, solve_threads(idx.size, n))
+            u_out *= kappas
+            z_out *= kappas
         # --- end alqp.pool ---
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
@@ -577,7 +581,7 @@ def _ldp_scales(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     bound = np.maximum(np.where(np.isfinite(lo), np.abs(lo), 0.0), np.where(np.isfinite(hi), np.abs(hi), 0.0))
     ratio = np.where(norms > 0, bound / np.where(norms > 0, norms, 1.0), 0.0)
     kappa = ratio.max(axis=-1, initial=0.0)
-    return np.where((kappa > 0) & np.isfinite(kappa), kappa, 1.0).tolist()
+    return np.where((kappa > 0) & np.isfinite(kappa), kappa, 1.0)
 
 
 def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[LeastDistanceFactor]:
