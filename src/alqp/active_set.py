@@ -610,6 +610,11 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
     G = torch.cat([A, C], -2) if G is None else torch.from_numpy(G)
     Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)  # L^-1 [A; C]'
     M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
+    # R's buffer holds M_C's squares first (for |M_C,i|^2), then R itself, computed in place: one
+    # fresh (B,m,n) buffer instead of two (each costs its page faults at every call).
+    R = torch.empty(M_C.shape, dtype=M_C.dtype)
+    M_C_norm2 = torch.square(M_C, out=R).sum(-1)
+    R.copy_(M_C)
     if p:
         S = torch.bmm(M_A, M_A.mT)
         S_factor, info_s = torch.linalg.cholesky_ex(S)
@@ -620,9 +625,9 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         # copies the factor, and W is kept for the backward).
         W = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)
         K = torch.linalg.solve_triangular(S_factor.mT, W, upper=True)
-        R = torch.baddbmm(M_C, K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P
+        R.baddbmm_(K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P
     else:
-        S_factor, R = L.new_zeros(L.shape[0], 0, 0), M_C
+        S_factor = L.new_zeros(L.shape[0], 0, 0)
         K = W = L.new_zeros(L.shape[0], 0, C.shape[-2])
     # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
     # (max |G| as max(max G, -min G): two reductions without an |G| temporary of the batch.)
@@ -631,7 +636,7 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
     scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0), G_size))
     usable = torch.from_numpy(usable)
     return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K, W,
-                               R.contiguous(), M_C.square().sum(-1), scale)
+                               R, M_C_norm2, scale)
 
 
 def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:
