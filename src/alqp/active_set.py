@@ -630,9 +630,12 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         S_factor = L.new_zeros(L.shape[0], 0, 0)
         K = W = L.new_zeros(L.shape[0], 0, C.shape[-2])
     # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-    # (max |G| as max(max G, -min G): two reductions without an |G| temporary of the batch.)
-    Gn = G.numpy()
-    G_size = np.maximum(Gn.max(axis=(-2, -1), initial=0.0), -Gn.min(axis=(-2, -1), initial=0.0))
+    # (max |G| as max(max G, -min G): one fused min/max pass, no |G| temporary of the batch.)
+    if G.shape[-2] * G.shape[-1]:
+        G_low, G_high = torch.aminmax(G.reshape(G.shape[0], -1), dim=-1)
+        G_size = np.maximum(G_high.numpy(), -G_low.numpy())
+    else:
+        G_size = np.zeros(G.shape[0])
     scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0), G_size))
     usable = torch.from_numpy(usable)
     return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K, W,
