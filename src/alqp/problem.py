@@ -211,10 +211,10 @@ _SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
 def _symmetric_bits(H: Tensor) -> bool:
-    """Whether a contiguous H (n,n) or (B,n,n) equals its transpose bit for bit (compared as
+    """Whether a contiguous CPU H (n,n) or (B,n,n) equals its transpose bit for bit (compared as
     integers: 0.0 and -0.0 differ); False for a non-contiguous H (left to the general path,
-    which returns a contiguous H)."""
-    if not H.is_contiguous():
+    which returns a contiguous H) and off the CPU (where the general path needs no host sync)."""
+    if H.device.type != "cpu" or not H.is_contiguous():
         return False
     bits = H.view(_SAME_SIZE_INT[H.element_size()])
     return torch.equal(bits, bits.transpose(-1, -2))
