@@ -533,25 +533,33 @@ class _LeastDistanceForm:
         flags = np.full(idx.size, _DAQP_OPTIMAL, dtype=np.int64)
         # The direct solve of the equality-constrained problem (v_A) counts as one iteration.
         iters = np.ones(idx.size, dtype=np.int64)
+        # (The scales of all problems in one pass: per problem, numpy's per-call cost dominated.)
+        whole = idx.size == self.lo.shape[0]
+        pick = lambda a: a if whole else a[idx]  # noqa: E731
+        if m:
+            lo, hi = pick(self.lo), pick(self.hi)
+            kappas = _ldp_scales(self.R if sR == 0 else pick(self.R), lo, hi)[:, None]
+            # (Each problem's bounds over its kappa, and below u and z times it, in one pass each.)
+            lo_scaled, hi_scaled = lo / kappas, hi / kappas
         # --- alqp.pool: the solves in chunks, on threads for large batches (each j its own rows) ---
         def solve_chunk(chunk: range) -> None:
             for j in chunk:
                 i = idx[j]
-                R_i, lo_i, hi_i = self.R[i * sR], self.lo[i], self.hi[i]
                 # u = kappa v, z = kappa lam: DAQP solves for v, whose bounds (on its normalized
                 # rows) have size one, so that its absolute tolerances are relative ones. (The
                 # bounds scale as sqrt of the data's units here: an LDP of data times 1e-12 had
                 # bounds of 1e-6 against a primal tolerance of 1e-9.)
-                kappa = _ldp_scale(R_i, lo_i, hi_i)
-                v_j, _, flag, info = solve(None, None, R_i, hi_i / kappa, lo_i / kappa, sense, **options)
+                v_j, _, flag, info = solve(None, None, self.R[i * sR], hi_scaled[j], lo_scaled[j], sense, **options)
                 flags[j] = flag
                 iters[j] += info["iterations"]
                 if flag == _DAQP_OPTIMAL:
-                    u_out[j] = kappa * v_j
-                    z_out[j] = kappa * info["lam"]
+                    u_out[j] = v_j
+                    z_out[j] = info["lam"]
 
         if m:
             run_chunked(solve_chunk, idx.size, solve_threads(idx.size, n))
+            u_out *= kappas
+            z_out *= kappas
         # --- end alqp.pool ---
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
@@ -565,14 +573,15 @@ class _LeastDistanceForm:
         return x.numpy(), torch.cat([y, z_t], -1).numpy(), flags, iters
 
 
-def _ldp_scale(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-    """The size of the least-distance problem lo <= R u <= hi (R (m,n)): the largest finite bound
-    over its row's norm (the distance of that bound's hyperplane from 0), 1 when there is none."""
-    norms = np.sqrt(np.einsum("ij,ij->i", R, R))
+def _ldp_scales(R: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(B,) the size of each least-distance problem lo <= R u <= hi (R (B|1,m,n), lo, hi (B,m)):
+    the largest finite bound over its row's norm (the distance of that bound's hyperplane from 0),
+    1 when there is none."""
+    norms = np.sqrt(np.einsum("bij,bij->bi", R, R))
     bound = np.maximum(np.where(np.isfinite(lo), np.abs(lo), 0.0), np.where(np.isfinite(hi), np.abs(hi), 0.0))
     ratio = np.where(norms > 0, bound / np.where(norms > 0, norms, 1.0), 0.0)
-    kappa = float(ratio.max(initial=0.0))
-    return kappa if kappa > 0 and np.isfinite(kappa) else 1.0
+    kappa = ratio.max(axis=-1, initial=0.0)
+    return np.where((kappa > 0) & np.isfinite(kappa), kappa, 1.0)
 
 
 def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[LeastDistanceFactor]:
@@ -589,7 +598,9 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
 
     # (usable and the pivot tests on numpy views: a few small vectors, where torch's per-call cost
     # would dominate at batch 1.)
-    L, info = torch.linalg.cholesky_ex(H)
+    # H.mT: the same matrix (a canonical H is symmetric bit for bit, canonicalize's (H + H')/2)
+    # already in LAPACK's column-major layout, so torch skips its transposing copy of the batch.
+    L, info = torch.linalg.cholesky_ex(H.mT)
     usable = (info.numpy() == 0) & _pivots_fine(L, H)
     if not usable.any():
         return None
@@ -599,6 +610,11 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
     G = torch.cat([A, C], -2) if G is None else torch.from_numpy(G)
     Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)  # L^-1 [A; C]'
     M_A, M_C = Mt[..., :p].mT, Mt[..., p:].mT
+    # R's buffer holds M_C's squares first (for |M_C,i|^2), then R itself, computed in place: one
+    # fresh (B,m,n) buffer instead of two (each costs its page faults at every call).
+    R = torch.empty(M_C.shape, dtype=M_C.dtype)
+    M_C_norm2 = torch.square(M_C, out=R).sum(-1)
+    R.copy_(M_C)
     if p:
         S = torch.bmm(M_A, M_A.mT)
         S_factor, info_s = torch.linalg.cholesky_ex(S)
@@ -609,16 +625,21 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         # copies the factor, and W is kept for the backward).
         W = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)
         K = torch.linalg.solve_triangular(S_factor.mT, W, upper=True)
-        R = torch.baddbmm(M_C, K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P
+        R.baddbmm_(K.mT, M_A, alpha=-1.0)  # M_C - K'M_A = M_C P
     else:
-        S_factor, R = L.new_zeros(L.shape[0], 0, 0), M_C
+        S_factor = L.new_zeros(L.shape[0], 0, 0)
         K = W = L.new_zeros(L.shape[0], 0, C.shape[-2])
     # |H_ij| <= max_i H_ii for a positive definite H: its scale without a pass over H.
-    scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0),
-                                        np.abs(G.numpy()).max(axis=(-2, -1), initial=0.0)))
+    # (max |G| as max(max G, -min G): one fused min/max pass, no |G| temporary of the batch.)
+    if G.shape[-2] * G.shape[-1]:
+        G_low, G_high = torch.aminmax(G.reshape(G.shape[0], -1), dim=-1)
+        G_size = np.maximum(G_high.numpy(), -G_low.numpy())
+    else:
+        G_size = np.zeros(G.shape[0])
+    scale = torch.from_numpy(np.maximum(H.diagonal(dim1=-2, dim2=-1).numpy().max(-1, initial=0.0), G_size))
     usable = torch.from_numpy(usable)
     return LeastDistanceFactor(usable.expand(B) if shared else usable, L, Mt, S_factor, K, W,
-                               R.contiguous(), M_C.square().sum(-1), scale)
+                               R, M_C_norm2, scale)
 
 
 def _pivots_fine(F: Tensor, K: Tensor) -> np.ndarray:

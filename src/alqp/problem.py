@@ -207,12 +207,30 @@ def _check_bounds(l, u) -> None:
         raise ValueError("l > u in some entries: the bounds must satisfy l <= u")
 
 
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def _symmetric_bits(H: Tensor) -> bool:
+    """Whether a contiguous CPU H (n,n) or (B,n,n) equals its transpose bit for bit (compared as
+    integers: 0.0 and -0.0 differ); False for a non-contiguous H (left to the general path,
+    which returns a contiguous H) and off the CPU (where the general path needs no host sync)."""
+    if H.device.type != "cpu" or not H.is_contiguous():
+        return False
+    bits = H.view(_SAME_SIZE_INT[H.element_size()])
+    return torch.equal(bits, bits.transpose(-1, -2))
+
+
 def _symmetrized(H: Tensor, check_symmetry: bool) -> Tensor:
     """(H + H') / 2 of H (n,n) or (B,n,n), detached; with ``check_symmetry``, H must first be
     symmetric within sqrt(finfo.eps) relative to max(max |H|, 1)."""
     # Symmetrized before the batch is expanded, so a shared H stays one matrix. (H + H') is
     # symmetric bit for bit; 2H - (H + H') is H - H' up to its rounding.
     H = _detached(H)
+    if _symmetric_bits(H) and float(max_abs(H)) <= torch.finfo(H.dtype).max / 2:
+        # H is symmetric bit for bit and 2H does not overflow: (H + H')/2 is H itself, bit for bit,
+        # and 2H - (H + H') is zero, so the symmetry test passes. (One compare pass instead of an
+        # add, a subtraction and two reductions over the batch; the data are finite here.)
+        return H
     H2 = H + H.transpose(-1, -2)
     if check_symmetry:
         # (Compared as Python floats: at batch 1 each tensor operation costs more than the pass.)
