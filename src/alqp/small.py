@@ -1,7 +1,8 @@
 """A per-call fast path for small QPs on the CPU (control loops: n of a few, batch of a few).
 
 At a few variables and a few problems the general path's time is the fixed cost of some hundred
-small torch operations, not arithmetic (the README's Performance section has the numbers). This module does the same work on numpy arrays, in a handful of calls:
+small torch operations, not arithmetic (the README's Performance section has the numbers). This
+module does the same work on numpy arrays, in a handful of calls:
 
 * :func:`solve_small`: one DAQP solve per problem in its own form (scaled as the general path's
   direct form, :func:`alqp.active_set._direct_scaling`), then the certification of
