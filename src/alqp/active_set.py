@@ -472,8 +472,9 @@ class _LeastDistanceForm:
 
     DAQP turns every QP into min 1/2 |v|^2 s.t. bounds on M v (a least-distance problem, LDP)
     with its own Cholesky factorization of H and QR-like elimination of the equality rows: plain C
-    loops that take most of its time on dense problems. Here the same transformation runs batched in torch (BLAS), and DAQP gets an LDP
-    with inequality rows only (no Hessian, no linear term), which it solves directly.
+    loops that take most of its time on dense problems. Here the same transformation runs batched
+    in torch (BLAS), and DAQP gets an LDP with inequality rows only (no Hessian, no linear term),
+    which it solves directly.
 
     With H = L L' (a positive definite H) and v = L'x + h, h = L^-1 g, the cost is
     1/2 |v|^2 - 1/2 |h|^2 and the rows are G x = M v - M h with M = G L^-T = [M_A; M_C]. The
