@@ -422,6 +422,8 @@ def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """a (float64) rounded to ``dtype`` and back: the values the caller will get."""
     if dtype == torch.float64:
         return a
+    if dtype == torch.float32:  # (numpy rounds as torch does, IEEE nearest-even, without a tensor round trip)
+        return a.astype(np.float32).astype(np.float64)
     return torch.from_numpy(a).to(dtype).double().numpy()
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alqp.certify import resolve_tolerance
+from alqp.certify import resolve_tolerance, roundoff_accuracy
 from alqp.linalg import inf_norm, project_out_row_range, vm
 from alqp.settings import Settings
 
@@ -37,7 +37,7 @@ def bound_activity_tol(tol: float, dtype: torch.dtype) -> float:
     a multiplier is still found by its multiplier, at ``tol``. For SOLVED answers only: a
     closest-feasible answer is certified at 100 times the tolerance, and its rows keep ``tol``
     (:func:`alqp.backward.classify_rows`)."""
-    return min(tol, 100 * torch.finfo(dtype).eps)
+    return min(tol, roundoff_accuracy(dtype))
 
 
 def row_tolerance(M: Tensor, lo: Tensor, hi: Tensor, x: Tensor, tol: float, abs_M: Optional[Tensor] = None,

@@ -76,11 +76,17 @@ class Tolerance(NamedTuple):
         return self.abs + self.rel * scale
 
 
+def roundoff_accuracy(dtype: torch.dtype) -> float:
+    """``100 * finfo(dtype).eps``: the accuracy a computed residual (or a computed slack) can reach
+    in ``dtype``, 2.2e-14 in float64 and 1.2e-5 in float32."""
+    return 100 * torch.finfo(dtype).eps
+
+
 def resolve_tolerance(settings, dtype: torch.dtype) -> Tolerance:
     """The tolerances of ``settings`` for data of ``dtype``: each nonzero one is raised to at
     least ``100 * finfo(dtype).eps`` (1.2e-5 in float32), the accuracy a computed residual can
     reach; a zero one stays zero."""
-    floor = 100 * torch.finfo(dtype).eps
+    floor = roundoff_accuracy(dtype)
     eps_abs = max(settings.eps_abs, floor) if settings.eps_abs > 0 else 0.0
     eps_rel = max(settings.eps_rel, floor) if settings.eps_rel > 0 else 0.0
     return Tolerance(eps_abs, eps_rel)

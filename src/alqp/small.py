@@ -34,6 +34,7 @@ from torch import Tensor
 
 from alqp.activity import activity_tol, bound_activity_tol
 from alqp.certify import Tolerance, resolve_tolerance
+from alqp.linalg import inf_norm_host
 from alqp.problem import QPProblem
 from alqp.types import QPSolution, Status
 
@@ -72,11 +73,6 @@ def _host(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())
 
 
-def _round(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """a as the caller will get it: rounded to ``dtype`` (float64 arrays unchanged)."""
-    return a if dtype == torch.float64 else a.astype(np.float32).astype(np.float64)
-
-
 def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: int,
                         x: np.ndarray, w: np.ndarray, tol: Tolerance) -> np.ndarray:
     """(B,) True where (x, w) meets ``tol``: :func:`alqp.certify.residuals` followed by
@@ -96,16 +92,13 @@ def host_residuals_meet(H: np.ndarray, g: np.ndarray, G: np.ndarray, lo: np.ndar
     Gx_size = (absG @ np.abs(x)[..., None])[..., 0]
     Gtw_size = (np.abs(wr) @ absG)[:, 0]
 
-    def inf_norm(v):
-        return np.abs(v).max(axis=-1, initial=0.0)
-
     # (x and w are finite here, so no inf - inf arises: infinite bounds only meet finite values.)
-    primal = inf_norm(Gx - np.clip(Gx, lo, hi))
-    primal_scale = np.maximum(inf_norm(Gx_size), inf_norm(lo[:, :p]))
+    primal = inf_norm_host(Gx - np.clip(Gx, lo, hi))
+    primal_scale = np.maximum(inf_norm_host(Gx_size), inf_norm_host(lo[:, :p]))
     bound = np.where(w > 0, hi, np.where(w < 0, lo, 0.0))
     unbounded_side = (w != 0) & ~np.isfinite(bound)
-    dual = np.maximum(inf_norm(Hx + g + Gtw), inf_norm(np.where(unbounded_side, w, 0.0)))
-    dual_scale = np.maximum(np.maximum(inf_norm(Hx), inf_norm(g)), inf_norm(Gtw_size))
+    dual = np.maximum(inf_norm_host(Hx + g + Gtw), inf_norm_host(np.where(unbounded_side, w, 0.0)))
+    dual_scale = np.maximum(np.maximum(inf_norm_host(Hx), inf_norm_host(g)), inf_norm_host(Gtw_size))
     bound_terms = np.where((w != 0) & ~unbounded_side, bound * w, 0.0)
     xHx, gx = x * Hx, g * x
     gap = np.abs(xHx.sum(-1) + gx.sum(-1) + bound_terms.sum(-1))
@@ -130,7 +123,7 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
     """
     if not eligible(problem):
         return None
-    from alqp.active_set import _INNER_TOL_FACTOR, _INNER_TOL_MAX, _INNER_TOL_MIN, _import_daqp
+    from alqp.active_set import _INNER_TOL_FACTOR, _INNER_TOL_MAX, _INNER_TOL_MIN, _import_daqp, _rounded
 
     solve = _import_daqp().solve
     dtype = problem.H.dtype
@@ -170,7 +163,7 @@ def solve_small(problem: QPProblem, settings) -> Optional[QPSolution]:
         lam[i] = info["lam"]
         iters[i] = info["iterations"]
     w = lam * cost[:, None] / rows
-    x, w = _round(x, dtype), _round(w, dtype)
+    x, w = _rounded(x, dtype), _rounded(w, dtype)
     if not (np.isfinite(x).all() and np.isfinite(w).all() and host_residuals_meet(H, g, G, lo, hi, p, x, w, tol).all()):
         counters["forward_fallback"] += 1
         return None
