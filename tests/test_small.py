@@ -228,3 +228,103 @@ def test_thread_policy_restores_the_callers_torch_threads(monkeypatch):
     finally:
         torch.set_num_threads(previous)
     assert seen == [(1, 2)]
+
+
+def _random_inputs(seed: int, dtype=torch.float64):
+    """Small QP inputs with a random mix of shared (no batch dimension), batch-1 and batched
+    tensors, one-sided and infinite bounds, and an H symmetric only up to round-off."""
+    gen = torch.Generator().manual_seed(seed)
+    B, n, p, m = 3, 4, 1, 5
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    M = rnd(B, n, n)
+    H = M @ M.mT + torch.eye(n, dtype=torch.float64)
+    H = H + 1e-12 * rnd(B, n, n)  # (not symmetric bit for bit, well within canonicalize's tolerance)
+    data = dict(H=H, g=rnd(B, n), A=rnd(p, n), b=rnd(1, p), C=rnd(B, m, n), l=-1 - rnd(m).abs(),
+                u=1 + rnd(B, m).abs())
+    data["l"][1] = -float("inf")
+    data["u"][:, 2] = float("inf")
+    if seed % 2:
+        data["u"] = None
+    return {k: None if v is None else v.to(dtype) for k, v in data.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_lane_data_equal_canonical_data(seed, dtype):
+    """small.host_qp (the layer's inputs, validated on the host) builds the arrays that
+    small.host_qp_of builds from canonicalize's problem: the same symmetrized H, broadcasting and
+    infinite bounds, bit for bit."""
+    from alqp.problem import canonicalize
+
+    data = _random_inputs(seed, dtype)
+    args = [data[k] for k in NAMES]
+    lane = small.host_qp(*args)
+    problem = canonicalize(*args)
+    reference = small.host_qp_of(problem)
+    assert lane is not None and reference is not None
+    for name in ("M", "absM", "g", "lo", "hi"):
+        assert np.array_equal(getattr(lane, name), getattr(reference, name)), name
+    assert (lane.n, lane.p, lane.m, lane.dtype) == (reference.n, reference.p, reference.m, reference.dtype)
+    assert lane.batched == tuple(None if data[k] is None else problem.batched[k] for k in NAMES)
+
+
+BAD_INPUTS = {
+    "nan in g": lambda d: d["g"].__setitem__((0, 0), float("nan")),
+    "inf in C": lambda d: d["C"].__setitem__((1, 0, 0), float("inf")),
+    "l > u": lambda d: d["l"].__setitem__(0, 5.0),
+    "nan in l": lambda d: d["l"].__setitem__(0, float("nan")),
+    "l = +inf": lambda d: d["l"].__setitem__(0, float("inf")),
+    "H not symmetric": lambda d: d["H"].__setitem__((0, 0, 1), d["H"][0, 0, 1] + 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_host_lane_declines_bad_input_and_solve_qp_raises_the_general_error(name):
+    data = _random_inputs(0)
+    BAD_INPUTS[name](data)
+    args = [data[k] for k in NAMES]
+    assert small.host_qp(*args) is None
+    with pytest.raises(ValueError) as fast:
+        alqp.solve_qp(*args)
+    from alqp.problem import canonicalize
+
+    with pytest.raises(ValueError) as general:
+        canonicalize(*args)
+    assert str(fast.value) == str(general.value)
+
+
+def test_shapes_the_host_lane_does_not_take_reach_the_general_errors():
+    data = _random_inputs(0)
+    args = [data[k] for k in NAMES]
+    args[1] = args[1][:, :3]  # g of the wrong size
+    assert small.host_qp(*args) is None
+    with pytest.raises(ValueError, match="g must have 4 entries"):
+        alqp.solve_qp(*args)
+    args = [data[k] for k in NAMES]
+    args[3] = None  # A without b
+    assert small.host_qp(*args) is None
+    with pytest.raises(ValueError, match="A and b must be given together"):
+        alqp.solve_qp(*args)
+
+
+def test_general_path_hooks_answer_where_the_host_lane_is_not_used(monkeypatch):
+    """solve_small / backward_small (the hooks of the general path, for compiled and transformed
+    calls) give the host lane's answers and gradients on a canonical problem."""
+    from alqp.problem import canonicalize
+    from alqp.solver import solve_problem_factored
+
+    data = families.strictly_convex(4, 4, 1, 6, seed=1)
+    problem = canonicalize(*(data[k] for k in NAMES))
+    settings = alqp.Settings()
+    before = dict(small.counters)
+    solution, _ = solve_problem_factored(problem, settings)
+    assert small.counters["forward"] == before["forward"] + 1
+    lane_sol = alqp.solve_qp(*(data[k] for k in NAMES))
+    assert torch.equal(solution.x, lane_sol.x) and torch.equal(solution.z, lane_sol.z)
+    gx = torch.randn(solution.x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hook = small.backward_small(problem, solution, gx, None, None, None, None, settings)
+    assert hook is not None
+    g = data["g"].clone().requires_grad_(True)
+    x = alqp.solve_qp(data["H"], g, data["A"], data["b"], data["C"], data["l"], data["u"]).x
+    (grad,) = torch.autograd.grad((gx * x).sum(), g)
+    assert torch.allclose(hook["g"], grad, atol=1e-13, rtol=0)

@@ -58,8 +58,9 @@ import itertools
 import threading
 import warnings
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -68,6 +69,7 @@ from alqp.backward import implicit_backward
 from alqp.problem import _CORE_NDIM, ARG_NAMES, canonicalize
 from alqp.settings import (
     IFT,
+    Engine,
     LPGD,
     Backward,
     Settings,
@@ -76,8 +78,8 @@ from alqp.settings import (
     backward_from_json,
     settings_from_json,
 )
+from alqp import small, solver
 from alqp.pool import one_torch_thread
-from alqp.small import backward_small
 from alqp.solver import solve_problem_factored
 from alqp.types import QPSolution
 
@@ -126,10 +128,10 @@ def _fresh(outputs, inputs) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # The registered operators
 # ------------------------------------------------------------------------------------------------
-def _solve_impl(H, g, A, b, C, l, u, x0, y0, z0, settings: str) -> tuple:
+def _solve_impl(H, g, A, b, C, l, u, x0, y0, z0, settings: str, fast_path: bool = True) -> tuple:
     problem = canonicalize(H, g, A, b, C, l, u)
     warm = None if x0 is None else (x0, y0, z0)
-    solution, factor = solve_problem_factored(problem, settings_from_json(settings), warm)
+    solution, factor = solve_problem_factored(problem, settings_from_json(settings), warm, fast_path=fast_path)
     _LOCAL.forward = (solution.status, _Carry(problem, factor))
     return tuple(solution)
 
@@ -161,18 +163,20 @@ def _solve_fake(H, g, A, b, C, l, u, x0, y0, z0, settings):
     return (*vec, H.new_empty((B,), dtype=torch.int64), H.new_empty((B,), dtype=torch.int64))
 
 
-def _engine_grads(problem, solution, incoming, settings: Settings, backward: Backward, factor) -> dict:
+def _engine_grads(problem, solution, incoming, settings: Settings, backward: Backward, factor,
+                  fast_path: bool = True) -> dict:
     if isinstance(backward, LPGD):
         from alqp.lpgd import lpgd_backward  # (LPGD's module only when chosen)
         return lpgd_backward(problem, solution, *incoming, settings=settings, tau=backward.tau,
                              variant=backward.variant, proximal=backward.proximal, factor=factor)
-    return _implicit_grads(problem, solution, incoming, settings, factor)
+    return _implicit_grads(problem, solution, incoming, settings, factor, fast_path)
 
 
 @one_torch_thread  # alqp.pool: the thread policy (no spinning OpenMP threads on a busy machine)
-def _implicit_grads(problem, solution, incoming, settings: Settings, factor) -> dict:
-    # alqp.small: a one-step KKT solve for small all-SOLVED CPU batches (None where it does not apply).
-    fast = backward_small(problem, solution, *incoming, settings)
+def _implicit_grads(problem, solution, incoming, settings: Settings, factor, fast_path: bool = True) -> dict:
+    # alqp.small: a one-step KKT solve for small all-SOLVED CPU batches (None where it does not
+    # apply; not tried again where the host lane declined this batch).
+    fast = small.backward_small(problem, solution, *incoming, settings) if fast_path else None
     if fast is not None:
         return fast
     return implicit_backward(problem, solution, *incoming, settings=settings, factor=factor)
@@ -377,16 +381,21 @@ class QPFunction(torch.autograd.Function):
             grad_of = _backward_impl if _plain_eager() else _backward_op
         grads = grad_of(*data, *solution, gx, gy, gz, gse, gsi, ctx.settings_json, ctx.backward_json,
                         ctx.carry_key)
-        out = []
-        for name, t, grad, need in zip(ARG_NAMES, data, grads, needs):
-            if t is None or not need:
-                out.append(None)
-                continue
-            grad = _reduce_to(grad, t.shape, _CORE_NDIM[name])
-            out.append(grad if grad.dtype == t.dtype and grad.device == t.device
-                       else grad.to(dtype=t.dtype, device=t.device))
-        return (None, None, *out, None, None, None)
+        return _input_grads(data, grads, needs)
 
+
+def _input_grads(data, grads, needs) -> tuple:
+    """The backward's answer for QPFunction.apply's twelve arguments: each per-problem gradient
+    in ``grads`` (H, g, A, b, C, l, u order) reduced to its input's shape, dtype and device."""
+    out = []
+    for name, t, grad, need in zip(ARG_NAMES, data, grads, needs):
+        if t is None or not need:
+            out.append(None)
+            continue
+        grad = _reduce_to(grad, t.shape, _CORE_NDIM[name])
+        out.append(grad if grad.dtype == t.dtype and grad.device == t.device
+                   else grad.to(dtype=t.dtype, device=t.device))
+    return (None, None, *out, None, None, None)
 
 
 def _no_forward_mode(ctx, *tangents):
@@ -408,16 +417,118 @@ class _EagerQPFunction(torch.autograd.Function):
     ``Function.apply`` binds a ``setup_context`` Function's arguments with ``inspect.signature``
     on every call, which cost more than the rest of the layer at batch 1. Not usable under
     torch.func transforms (which need ``setup_context``), so :func:`_solve` picks it only when
-    :func:`_plain_eager`."""
+    :func:`_plain_eager`.
+
+    It tries the host lane of :mod:`alqp.small` first (:func:`_host_forward`): a small CPU batch
+    that validates and is certified SOLVED there never reaches the registered op's machinery, and
+    its backward is one batched KKT solve (:func:`_host_backward`); anything else goes the
+    general way, with the same results."""
 
     @staticmethod
     def forward(ctx, *args):
-        output = QPFunction.forward(*args)
+        output = _host_forward(ctx, args)
+        if output is None or output is _DECLINED:
+            # (plain eager here: the implementation itself, not the registered op)
+            output = _solve_impl(*args[2:], args[0], fast_path=output is None)
         QPFunction.setup_context(ctx, args, output)
         return output
 
-    backward = QPFunction.backward
+    @staticmethod
+    def backward(ctx, *grads):
+        lane = getattr(ctx, "host_lane", None)
+        if lane is None:
+            return QPFunction.backward(ctx, *grads)
+        answer = _host_backward(ctx, lane, grads)
+        if answer is not None:
+            return answer
+        # (grads were not materialized for the host lane: the general backward wants tensors)
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, ctx.saved_tensors[7:]))
+        if torch.is_grad_enabled() or not any(ctx.needs_input_grad[2:9]):
+            return QPFunction.backward(ctx, *grads)
+        # The general backward, without a second try of alqp.small's (it declined this batch).
+        saved = ctx.saved_tensors
+        data = saved[:7]
+        problem = canonicalize(*data, check_symmetry=False)
+        out = _engine_grads(problem, QPSolution(*saved[7:]), grads[:5], lane.settings, IFT(), None, fast_path=False)
+        return _input_grads(data, tuple(out[name] for name in ARG_NAMES), ctx.needs_input_grad[2:9])
+
     jvp = staticmethod(_no_forward_mode)
+
+
+_IFT_JSON = IFT()._json
+# _host_forward's answer for a batch that the host lane solved but could not certify: the general
+# path must not try alqp.small on it again.
+_DECLINED = object()
+_HOST_ENGINES = (Engine.AUTO, Engine.ACTIVE_SET)
+
+
+class _HostLane:
+    """What the host lane's backward needs: the batch, its answers and the settings."""
+
+    __slots__ = ("qp", "answer", "settings")
+
+    def __init__(self, qp, answer, settings):
+        self.qp, self.answer, self.settings = qp, answer, settings
+
+
+def _host_forward(ctx, args):
+    """The outputs of ``alqp::solve`` from :mod:`alqp.small`'s host lane; None where the lane
+    does not apply, :data:`_DECLINED` where it solved the batch but did not certify all of it.
+
+    Taken for the implicit backward, without a warm start, on the active-set engine (explicit or
+    ``auto`` on the CPU) when :func:`alqp.small.host_qp` accepts the data and
+    :func:`alqp.small.solve_host` certifies every problem."""
+    settings_json, backward_json, H, g, A, b, C, l, u, x0 = args[:10]
+    if x0 is not None or backward_json != _IFT_JSON:
+        return None
+    settings = settings_from_json(settings_json)
+    if settings.engine not in _HOST_ENGINES:
+        return None
+    qp = small.host_qp(H, g, A, b, C, l, u)
+    if qp is None:
+        return None
+    # (solver.auto_engine reads only the problem's H: here the caller's, on the CPU)
+    if settings.engine == Engine.AUTO and solver.auto_engine(_HostProbe(H)) != Engine.ACTIVE_SET:
+        return None
+    answer = small.solve_host(qp, settings)
+    if answer is None:
+        return _DECLINED
+    ctx.host_lane = _HostLane(qp, answer, settings)
+    # Unused outputs then reach the backward as None, not as tensors of zeros.
+    ctx.set_materialize_grads(False)
+    return tuple(small.solution_tensors(qp, answer))
+
+
+class _HostProbe(NamedTuple):
+    """What :func:`alqp.solver.auto_engine` reads of a problem."""
+
+    H: Tensor
+
+
+def _host_backward(ctx, lane: _HostLane, grads) -> Optional[tuple]:
+    """The gradients of the inputs from :func:`alqp.small.kkt_grads_host`, reduced to each
+    input's shape, or None (then the general backward answers)."""
+    if torch.is_grad_enabled():  # (a graph was asked for: the general backward raises on its use)
+        return None
+    saved = ctx.saved_tensors  # (raises if an input or output was modified in place)
+    incoming = [None if t is None else t.detach().double().numpy() for t in grads[:5]]
+    grads_np = small.kkt_grads_host(lane.qp, lane.answer, incoming, lane.settings)
+    if grads_np is None:
+        return None
+    needs = ctx.needs_input_grad[2:9]
+    out = []
+    for name, t, batched, need in zip(ARG_NAMES, saved[:7], lane.qp.batched, needs):
+        if t is None or not need:
+            out.append(None)
+            continue
+        grad = grads_np[name]
+        if not batched:
+            grad = grad.sum(0)
+        elif t.shape[0] != grad.shape[0]:
+            grad = grad.sum(0, keepdims=True)
+        grad = torch.from_numpy(np.ascontiguousarray(grad))
+        out.append(grad if t.dtype == torch.float64 else grad.to(t.dtype))
+    return (None, None, *out, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def auto_engine(problem: QPProblem) -> str:
 
 
 def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=None,
-                           factor: Optional["LeastDistanceFactor"] = None
+                           factor: Optional["LeastDistanceFactor"] = None, fast_path: bool = True
                            ) -> tuple[QPSolution, Optional["LeastDistanceFactor"]]:
     """Solve a canonical batch (every tensor with its batch dimension); no autograd.
 
@@ -87,6 +87,8 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
         warm_start: None, a :class:`QPSolution` or a tuple (x, y, z) in the caller's units (the
             ALM's; the active-set engine starts cold).
         factor: see below.
+        fast_path: whether :mod:`alqp.small` may answer first (False where the caller's host lane
+            has tried this very batch already and it needs the general path).
 
     Returns:
         The batched :class:`QPSolution`, and the factorization of the batch's strictly convex problems that
@@ -99,7 +101,7 @@ def solve_problem_factored(problem: QPProblem, settings: Settings, warm_start=No
     engine = auto_engine(problem) if settings.engine == "auto" else settings.engine
     if engine == "active_set":
         # --- alqp.small: per-call fast path for small CPU batches (None: not taken) ---
-        if warm_start is None and factor is None:
+        if fast_path and warm_start is None and factor is None:
             from alqp.small import solve_small
             fast = solve_small(problem, settings)
             if fast is not None:
