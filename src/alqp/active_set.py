@@ -24,7 +24,8 @@ in plain C loops (most of its time on dense problems).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -34,7 +35,8 @@ from torch import Tensor
 from alqp.activity import closest_feasible_output
 from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
 from alqp.linalg import cholesky_solve_rows, vm
-from alqp.pool import one_torch_thread, run_chunked, solve_threads  # alqp.pool
+from alqp.pool import (batch_threads, concat_rows, map_batch_chunks, one_torch_thread, run_chunked,  # alqp.pool
+                       solve_threads)
 from alqp.problem import QPProblem
 from alqp.settings import Settings
 from alqp.types import QPSolution, Status
@@ -243,6 +245,21 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         ``factor`` is the :class:`LeastDistanceFactor` of the batch's strictly convex problems
         (None when there is none), for the backward.
     """
+    # --- alqp.pool: a large CPU batch in contiguous chunks, each the whole engine, on threads ---
+    threads = batch_threads(problem.batch_size, problem.n) if problem.H.device.type == "cpu" else 1
+    if threads > 1:
+        def solve_rows(start: int, stop: int) -> ActiveSetResult:
+            return _solve_batch(problem_rows(problem, start, stop), settings,
+                                None if factor is None else factor.rows(start, stop))
+        return _concat_results(map_batch_chunks(solve_rows, problem.batch_size, threads), factor, threads)
+    # --- end alqp.pool ---
+    return _solve_batch(problem, settings, factor)
+
+
+def _solve_batch(problem: QPProblem, settings: Settings, factor: Optional["LeastDistanceFactor"]
+                 ) -> ActiveSetResult:
+    """:func:`solve_active_set` on one batch, in the calling thread (its DAQP solves on the pool
+    where :func:`alqp.pool.solve_threads` says so)."""
     daqp = _daqp_options(settings, problem.H.dtype)
     host = _to_host(problem)
     answers = _Answers.empty(problem.batch_size, problem.n, problem.p + problem.m)
@@ -260,6 +277,35 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
     device = problem.H.device
     return ActiveSetResult(solution, _device_tensor(answers.certified, torch.bool, device),
                            None if ldp is None else ldp.factor)
+
+
+def problem_rows(problem: QPProblem, start: int, stop: int) -> QPProblem:
+    """Problems ``start:stop`` of a canonical batch, as views (shared tensors stay expanded)."""
+    return replace(problem, **{name: t[start:stop] for name, t in problem.tensors().items()})
+
+
+def _concat_results(parts: list, factor: Optional["LeastDistanceFactor"], threads: int) -> ActiveSetResult:
+    """The :class:`ActiveSetResult` of a batch from those of its contiguous chunks, in order;
+    ``factor``: the one given to :func:`solve_active_set` (returned as it is where given);
+    ``threads``: pool threads for the copies."""
+    # (y, z and s_eq, s_in as views of one (B, p+m) tensor each, as the serial engine returns them:
+    # the backward's products round by the memory layout of their operands.)
+    p = parts[0].solution.y.shape[-1]
+    w = torch.cat([torch.cat([part.solution.y, part.solution.z], -1) for part in parts])
+    shift = torch.cat([torch.cat([part.solution.s_eq, part.solution.s_in], -1) for part in parts])
+    x, status, iterations = (torch.cat([getattr(part.solution, name) for part in parts])
+                             for name in ("x", "status", "iterations"))
+    solution = QPSolution(x=x, y=w[:, :p], z=w[:, p:], s_eq=shift[:, :p], s_in=shift[:, p:], status=status,
+                          iterations=iterations)
+    certified = torch.cat([part.certified for part in parts])
+    if factor is None:
+        factors = [part.factor for part in parts]
+        if any(part is not None for part in factors):
+            bounds = [0] + list(itertools.accumulate(part.certified.shape[0] for part in parts))
+            factor = ChunkedFactor(factors, bounds, threads)
+    elif any(part.factor is None for part in parts):
+        factor = None  # (n = 0: as the serial engine, which returns no factor then)
+    return ActiveSetResult(solution, certified, factor)
 
 
 def _daqp_options(settings: Settings, dtype: torch.dtype) -> _DaqpOptions:
@@ -467,6 +513,105 @@ class LeastDistanceFactor(NamedTuple):
             chosen = t.index_select(0, index.to(t.device))
             return chosen if copies == 1 else torch.cat([chosen] * copies)
         return LeastDistanceFactor(*(pick(t) for t in self))
+
+    def rows(self, start: int, stop: int) -> "LeastDistanceFactor":
+        """The factor of problems ``start:stop`` of the batch, as views (tensors shared by the
+        batch, of batch size 1, stay shared)."""
+        shared = self.usable.shape[0] != 1
+        return LeastDistanceFactor(*(t if t.shape[0] == 1 and shared else t[start:stop] for t in self))
+
+    @staticmethod
+    def concat(parts: list, sizes: list, threads: int = 1) -> Optional["LeastDistanceFactor"]:
+        """The factor of a batch from those of its contiguous chunks, in order.
+
+        Args:
+            parts: each chunk's factor, or None where no problem of the chunk qualified (its
+                problems then get ``usable`` False and zero placeholders, never read).
+            sizes: each chunk's number of problems.
+            threads: pool threads for the copies (:func:`alqp.pool.concat_rows`).
+
+        Returns:
+            The factor (None when no chunk has one). A tensor that every chunk shares (batch size 1
+            against a larger ``usable``: the same factor of the same shared data) stays shared.
+        """
+        present = [part for part in parts if part is not None]
+        if not present:
+            return None
+        model = present[0]
+        fields = []
+        for f in range(len(LeastDistanceFactor._fields)):
+            if (len(present) == len(parts) and all(part[f].shape[0] == 1 for part in parts)
+                    and any(size > 1 for size in sizes)):
+                fields.append(model[f])
+                continue
+            pieces = []
+            for part, size in zip(parts, sizes):
+                if part is None:
+                    pieces.append(torch.zeros_like(model[f][:1]).expand(size, *model[f].shape[1:]))
+                else:
+                    t = part[f]
+                    pieces.append(t.expand(size, *t.shape[1:]) if t.shape[0] != size else t)
+            fields.append(concat_rows(pieces, threads))
+        return LeastDistanceFactor(*fields)
+
+
+class ChunkedFactor:
+    """The :class:`LeastDistanceFactor` of a batch that :func:`solve_active_set` solved in
+    contiguous chunks (:mod:`alqp.pool`), kept as the chunks' own factors: the implicit backward
+    cuts the batch into the same chunks and takes each chunk's factor as it is
+    (:meth:`rows`), where a concatenation would copy some 60 MB at Table-2 size, batch 256
+    (a fifth of the chunked forward's time). It reads like a :class:`LeastDistanceFactor` (its
+    fields, :meth:`select`, :meth:`rows`, iteration); any other use concatenates the chunks'
+    factors once (:meth:`LeastDistanceFactor.concat`).
+
+    Args:
+        parts: each chunk's factor, or None where no problem of the chunk qualified.
+        bounds: [0, ..., B], the chunks' first problems and the batch size.
+        threads: pool threads for a concatenation.
+    """
+
+    _fields = LeastDistanceFactor._fields
+
+    def __init__(self, parts: list, bounds: list, threads: int):
+        self.parts, self.bounds, self.threads = list(parts), list(bounds), threads
+        self._full: Optional[LeastDistanceFactor] = None
+
+    def full(self) -> LeastDistanceFactor:
+        """The batch's factor as one :class:`LeastDistanceFactor` (concatenated at the first call)."""
+        if self._full is None:
+            sizes = [stop - start for start, stop in zip(self.bounds, self.bounds[1:])]
+            self._full = LeastDistanceFactor.concat(self.parts, sizes, self.threads)
+        return self._full
+
+    def __getattr__(self, name: str):
+        if name in LeastDistanceFactor._fields:
+            return getattr(self.full(), name)
+        raise AttributeError(name)
+
+    def __iter__(self):
+        return iter(self.full())
+
+    def __getitem__(self, item):
+        return self.full()[item]
+
+    def __len__(self) -> int:
+        return len(LeastDistanceFactor._fields)
+
+    def select(self, index: Tensor, copies: int = 1) -> LeastDistanceFactor:
+        """:meth:`LeastDistanceFactor.select` of the batch's factor."""
+        return self.full().select(index, copies)
+
+    def rows(self, start: int, stop: int) -> Optional[LeastDistanceFactor]:
+        """The factor of problems ``start:stop``: a chunk's own factor where the range is that
+        chunk (None where no problem of the chunk qualified), views into one chunk's, else of the
+        concatenation."""
+        for c, (first, end) in enumerate(zip(self.bounds, self.bounds[1:])):
+            if first <= start and stop <= end:
+                part = self.parts[c]
+                if part is None or (start, stop) == (first, end):
+                    return part
+                return part.rows(start - first, stop - first)
+        return self.full().rows(start, stop)
 
 
 class _LeastDistanceForm:

@@ -94,9 +94,10 @@ from torch import Tensor
 
 from alqp.linalg import (WORK_DTYPE, as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes,
                          rows_or_zeros, safe_rsqrt, solve_triangular_rows, vm, vm_host)
-from alqp.active_set import LeastDistanceFactor
+from alqp.active_set import LeastDistanceFactor, problem_rows
 from alqp.activity import activity_tol, bound_activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
+from alqp.pool import batch_threads, concat_rows, map_batch_chunks
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
 from alqp.types import QPSolution
@@ -1016,6 +1017,23 @@ def implicit_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional
         dict with keys "H", "g", "A", "b", "C", "l", "u": gradients with the batched shapes above,
         in the problem's dtype and device; dL/dH is symmetric; dL/dl, dL/du are 0 at infinite bounds.
     """
+    # --- alqp.pool: a large CPU batch in contiguous chunks, each its own backward, on threads.
+    # (Only where every problem has a solution: the failure policy's messages name problems by
+    # their index in the batch.) ---
+    B = problem.batch_size
+    threads = batch_threads(B, problem.n) if problem.H.device.type == "cpu" else 1
+    if threads > 1 and bool(has_solution(solution.status).all()):
+        incoming = (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in)
+
+        def grads_rows(start: int, stop: int) -> dict[str, Tensor]:
+            return implicit_backward(
+                problem_rows(problem, start, stop), QPSolution(*(t[start:stop] for t in solution)),
+                *(t[start:stop] if t is not None and t.dim() == 2 and t.shape[0] == B else t for t in incoming),
+                settings=settings, active_tol=active_tol, factor=None if factor is None else factor.rows(start, stop))
+
+        parts = map_batch_chunks(grads_rows, B, threads)
+        return {name: concat_rows([part[name] for part in parts], threads) for name in parts[0]}
+    # --- end alqp.pool ---
     out_dtype = problem.H.dtype
     tol = active_tol if active_tol is not None else activity_tol(out_dtype, settings)
     status = solution.status

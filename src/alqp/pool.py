@@ -1,28 +1,37 @@
-"""The per-problem DAQP solves of the active-set engine on a small thread pool.
+"""The active-set engine and the implicit backward on a small thread pool, without spinning threads.
 
 ``daqp.solve`` releases the GIL around its C solve (its Cython binding calls ``daqp_quadprog``
 ``with nogil``; measured: while it runs, another Python thread keeps running, as with numpy's
-LAPACK calls and unlike a pure-Python loop), so threads can run the solves of independent
-problems on several cores. The Python around each solve (slicing, DAQP's argument checks, the
-scale of the problem) still holds the GIL, which bounds the gain at small n.
+LAPACK calls and unlike a pure-Python loop), and so do torch's CPU operations, so Python threads
+can run independent problems on several cores. The Python around each operation still holds the
+GIL, which bounds the gain at small n.
 
-Thread policy of the active-set engine (:func:`one_torch_thread`, :func:`solve_threads`):
+Thread policy of the active-set engine and of the layer's IFT backward (:func:`one_torch_thread`,
+:func:`batch_threads`, :func:`solve_threads`):
 
-* its torch operations, and those of the implicit backward, run on one intra-op thread (torch's
-  thread count is set to 1 for the duration of :func:`alqp.active_set.solve_active_set` and of
-  the layer's IFT backward engine, and restored after). They are many small
-  operations; torch's OpenMP threads spin while they wait, and when another process keeps a core
-  busy, 2 torch threads made this forward 3.7 to 28 times slower than 1 thread on the 2-core
-  development machine (batch 256, Table-2 size), where the pool's threads lost nothing;
-* the caller's torch thread count (``torch.get_num_threads()``, which
-  :func:`alqp.set_per_process_threads` sets to a process's share of the cores), capped by the
-  cores this process may run on, is the number of pool threads for the DAQP solves, for batches of
-  at least :data:`MIN_BATCH` problems of at least :data:`MIN_N` variables (below that, handing
-  chunks to threads costs more than it saves). The pool's threads block, they do not spin: when
-  another process keeps a core busy, a chunk on that core just runs later, and the batch is cut
-  into :data:`CHUNKS_PER_THREAD` chunks per thread so that the idle thread takes over the rest.
+* their torch operations run on one intra-op thread (torch's thread count is set to 1 for the
+  duration of :func:`alqp.active_set.solve_active_set` and of the layer's IFT backward engine,
+  and restored after). They are many small operations; torch's OpenMP threads spin while they
+  wait, and when another process keeps a core busy, 2 torch threads made this forward 3.7 to 28
+  times slower than 1 thread on the 2-core development machine (batch 256, Table-2 size), where
+  the pool's threads lost nothing;
+* the cores come from batch parallelism instead: the caller's torch thread count
+  (``torch.get_num_threads()``, which :func:`alqp.set_per_process_threads` sets to a process's
+  share of the cores), capped by the cores this process may run on, is the number of pool
+  threads. A batch of at least :data:`MIN_BATCH_CHUNKED` problems of at least :data:`MIN_N`
+  variables is cut into contiguous chunks (:data:`CHUNKS_PER_THREAD_BATCH` per thread), and each
+  chunk runs the whole engine (the batched least-distance factorization, the DAQP solves, the
+  certification) or the whole backward, as an independent batch, on a pool thread
+  (:func:`map_batch_chunks`; the answers are bit for bit the serial ones: the problems of a batch
+  are independent, and every batched operation works problem by problem);
+* smaller batches (from :data:`MIN_BATCH` problems) run the engine's torch algebra in the calling
+  thread and only the per-problem DAQP solves on the pool (:func:`run_chunked`); inside a chunk
+  of a batch those solves run in the chunk's thread (no nested use of the pool);
+* the pool's threads block, they do not spin: when another process keeps a core busy, a chunk on
+  that core just runs later, and with more than one chunk per thread the idle thread takes over
+  the rest.
 
-``ENABLED = False`` turns both off (torch threads as the caller set them, every loop serial).
+``ENABLED = False`` turns all of it off (torch threads as the caller set them, every loop serial).
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -41,12 +50,20 @@ MIN_BATCH = 32
 MIN_N = 16
 #: Chunks per thread: a thread whose core is busy leaves the remaining chunks to the others.
 CHUNKS_PER_THREAD = 4
+#: Smallest batch whose whole engine and backward run in chunks on the pool (map_batch_chunks).
+MIN_BATCH_CHUNKED = 64
+#: Chunks per thread of such a batch (each chunk pays the engine's fixed Python cost once more).
+CHUNKS_PER_THREAD_BATCH = 2
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 _lock = threading.Lock()
 # The caller's torch thread count while one_torch_thread runs (per calling thread).
 _caller = threading.local()
+# Per thread: True inside a chunk of map_batch_chunks (its loops then stay in that thread).
+_in_chunk = threading.local()
+
+_T = TypeVar("_T")
 
 
 def one_torch_thread(fn: Callable) -> Callable:
@@ -77,8 +94,9 @@ def _cores() -> int:
 
 def solve_threads(batch: int, n: int) -> int:
     """Threads for ``batch`` independent DAQP solves of ``n`` variables (see the module docstring):
-    1 when the pool is off or the batch is too small, else min(torch threads, usable cores)."""
-    if not ENABLED or batch < MIN_BATCH or n < MIN_N:
+    1 when the pool is off, the batch is too small or this is a chunk of a batch already on the
+    pool, else min(torch threads, usable cores)."""
+    if not ENABLED or batch < MIN_BATCH or n < MIN_N or getattr(_in_chunk, "active", False):
         return 1
     caller = getattr(_caller, "threads", None) or torch.get_num_threads()
     return max(1, min(caller, _cores(), batch))
@@ -90,7 +108,7 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size != threads:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alqp-daqp")
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alqp-pool")
             _pool_size = threads
         return _pool
 
@@ -109,3 +127,96 @@ def run_chunked(body: Callable[[range], None], count: int, threads: int) -> None
     for error in errors:
         if error is not None:
             raise error
+
+
+def batch_threads(batch: int, n: int) -> int:
+    """Threads on which a whole batch of ``batch`` problems of ``n`` variables runs in chunks
+    (:func:`map_batch_chunks`; see the module docstring): 1 unless the caller runs under
+    :func:`one_torch_thread` with more than one torch thread (torch's operations are then on one
+    intra-op thread each, so the threads do not oversubscribe the cores), the batch has at least
+    :data:`MIN_BATCH_CHUNKED` problems of at least :data:`MIN_N` variables and this is not a chunk
+    already; else min(the caller's torch threads, usable cores)."""
+    if not ENABLED or batch < MIN_BATCH_CHUNKED or n < MIN_N or getattr(_in_chunk, "active", False):
+        return 1
+    caller = getattr(_caller, "threads", None)
+    if caller is None:
+        return 1
+    return max(1, min(caller, _cores(), batch // 2))
+
+
+def chunk_bounds(count: int, threads: int) -> list:
+    """The bounds [0, ..., count] of the contiguous chunks :func:`map_batch_chunks` cuts
+    ``count`` problems into on ``threads`` threads."""
+    chunks = max(1, min(count, threads * CHUNKS_PER_THREAD_BATCH)) if threads > 1 else 1
+    return [count * c // chunks for c in range(chunks + 1)]
+
+
+def _run_tasks(tasks: list, threads: int) -> list:
+    """``[task() for task in tasks]``, on ``threads`` pool threads, each task marked as a chunk
+    (:data:`_in_chunk`) with torch on one intra-op thread and the caller's grad and inference
+    modes (thread-local in torch: a pool thread would otherwise record autograd graphs inside a
+    backward); every task finishes before the first exception, if any, is raised."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(task: Callable):
+        _in_chunk.active = True
+        try:
+            if torch.get_num_threads() != 1:  # (a pool thread keeps the count it first saw)
+                torch.set_num_threads(1)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return task()
+        finally:
+            _in_chunk.active = False
+
+    futures = [_executor(threads).submit(run, task) for task in tasks]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]
+
+
+def map_batch_chunks(body: Callable[[int, int], _T], count: int, threads: int) -> list:
+    """``[body(start, stop), ...]`` over the contiguous ranges of :func:`chunk_bounds`, which cover
+    0..count-1 in order: ``threads * CHUNKS_PER_THREAD_BATCH`` chunks (at most ``count``) on
+    ``threads`` pool threads, or ``[body(0, count)]`` in the calling thread when ``threads`` is 1.
+
+    Inside a chunk, :func:`solve_threads` and :func:`batch_threads` are 1 (no nested use of the
+    pool, which could wait on itself) and torch runs on one intra-op thread. An exception in any
+    chunk is raised here, after every chunk has finished."""
+    if threads <= 1 or count <= 1:
+        return [body(0, count)]
+    bounds = chunk_bounds(count, threads)
+    return _run_tasks([functools.partial(body, bounds[c], bounds[c + 1]) for c in range(len(bounds) - 1)], threads)
+
+
+def concat_rows(pieces: list, threads: int) -> torch.Tensor:
+    """``torch.cat(pieces)`` along the batch (dim 0), in the memory layout of the pieces (LAPACK's
+    factors are column-major, and later products round by the layout of their operands), the
+    copies on ``threads`` pool threads: at Table-2 size the factors and gradients of a batch of
+    256 are some 60 MB, whose serial copy would cost a tenth of the forward.
+
+    The buffer takes the layout of the largest piece whose batch is the outermost dimension of a
+    dense layout (row-major, or column-major matrices); where there is none, ``torch.cat``."""
+    def batch_outermost(piece: torch.Tensor) -> bool:
+        dense = piece.is_contiguous() or (piece.dim() == 3 and piece.mT.is_contiguous())
+        return dense and piece.shape[0] > 1 and piece.stride(0) == max(piece[0].numel(), 1)
+
+    shaped = [piece for piece in pieces if batch_outermost(piece)]
+    if len(pieces) == 1 or not shaped or any(piece.shape[1:] != pieces[0].shape[1:] for piece in pieces):
+        return torch.cat(pieces)
+    model = max(shaped, key=lambda piece: piece.shape[0])
+    rows = [piece.shape[0] for piece in pieces]
+    out = torch.empty_strided((sum(rows),) + tuple(model.shape[1:]), model.stride(), dtype=model.dtype,
+                              device=model.device)
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+
+    def copy(start: int, piece: torch.Tensor) -> None:
+        out[start:start + piece.shape[0]].copy_(piece)
+
+    if threads <= 1 or out.numel() < 1 << 16:
+        for start, piece in zip(starts, pieces):
+            copy(start, piece)
+    else:
+        _run_tasks([functools.partial(copy, start, piece) for start, piece in zip(starts, pieces)], threads)
+    return out
