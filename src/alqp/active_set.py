@@ -473,6 +473,16 @@ def _rounded(a: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return torch.from_numpy(a).to(dtype).double().numpy()
 
 
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)`` (t (B, ...), index (B',) long) in t's layout: a batch of
+    column-major matrices (LAPACK's factors) stays column-major, so that the products with a
+    problem's factor round the same whatever its batch-mates (:mod:`alqp.pool` cuts batches into
+    chunks, and a chunk has other batch-mates than the whole batch)."""
+    if t.dim() == 3 and not t.is_contiguous() and t.mT.is_contiguous():
+        return t.mT.index_select(0, index).mT
+    return t.index_select(0, index)
+
+
 class LeastDistanceFactor(NamedTuple):
     """The factorization behind the least-distance form (:class:`_LeastDistanceForm`), a function
     of H, A and C only. The backward reuses it for its KKT solves
@@ -510,7 +520,7 @@ class LeastDistanceFactor(NamedTuple):
         def pick(t: Tensor) -> Tensor:
             if t.shape[0] == 1 and self.usable.shape[0] != 1:
                 return t
-            chosen = t.index_select(0, index.to(t.device))
+            chosen = take_rows(t, index.to(t.device))
             return chosen if copies == 1 else torch.cat([chosen] * copies)
         return LeastDistanceFactor(*(pick(t) for t in self))
 
@@ -710,7 +720,7 @@ class _LeastDistanceForm:
         # --- end alqp.pool ---
         every = idx.size == self.h.shape[0]
         rows = torch.from_numpy(idx)
-        take = lambda t: t if t.shape[0] == 1 or every else t.index_select(0, rows)  # noqa: E731
+        take = lambda t: t if t.shape[0] == 1 or every else take_rows(t, rows)  # noqa: E731
         f = self.factor
         u_t, z_t = torch.from_numpy(u_out), torch.from_numpy(z_out)
         v = take(self.v_A) + u_t
@@ -752,7 +762,9 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
     if not usable.any():
         return None
     if not usable.all():
-        L = torch.where(torch.from_numpy(usable)[:, None, None], L, torch.eye(n, **f64))
+        # (In place: LAPACK's column-major layout stays, so that a problem's factor, and every
+        # product with it, rounds the same whatever its batch-mates: alqp.pool cuts batches.)
+        L[torch.from_numpy(~usable)] = torch.eye(n, **f64)
     # (A host G of batch size 1 broadcasts against a batched L.)
     G = torch.cat([A, C], -2) if G is None else torch.from_numpy(G)
     Mt = torch.linalg.solve_triangular(L, G.mT, upper=False)  # L^-1 [A; C]'
@@ -767,7 +779,7 @@ def factorize(problem: QPProblem, G: Optional[np.ndarray] = None) -> Optional[Le
         S_factor, info_s = torch.linalg.cholesky_ex(S)
         usable &= (info_s.numpy() == 0) & _pivots_fine(S_factor, S)
         if not usable.all():
-            S_factor = torch.where(torch.from_numpy(usable)[:, None, None], S_factor, torch.eye(p, **f64))
+            S_factor[torch.from_numpy(~usable)] = torch.eye(p, **f64)  # (in place: as L's)
         # W = S_f^-1 M_A M_C' and K = S_f^-T W (p, m): two triangular solves (torch.cholesky_solve
         # copies the factor, and W is kept for the backward).
         W = torch.linalg.solve_triangular(S_factor, torch.bmm(M_A, M_C.mT), upper=False)

@@ -94,7 +94,7 @@ from torch import Tensor
 
 from alqp.linalg import (WORK_DTYPE, as_dtype, cholesky_solve_rows, inf_norm, inf_norm_host, magnitudes,
                          rows_or_zeros, safe_rsqrt, solve_triangular_rows, vm, vm_host)
-from alqp.active_set import LeastDistanceFactor, problem_rows
+from alqp.active_set import LeastDistanceFactor, problem_rows, take_rows
 from alqp.activity import activity_tol, bound_activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
 from alqp.pool import batch_threads, concat_rows, map_batch_chunks
@@ -797,7 +797,7 @@ def _factor_rows(factor: LeastDistanceFactor, index: Optional[Tensor]) -> LeastD
     1) stay shared."""
     if index is None:
         return factor
-    return LeastDistanceFactor(*(t if t.shape[0] == 1 else t[index] for t in factor))
+    return LeastDistanceFactor(*(t if t.shape[0] == 1 else take_rows(t, index) for t in factor))
 
 
 def _compose(outer: Optional[Tensor], inner: Tensor) -> Tensor:
@@ -1018,11 +1018,12 @@ def implicit_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional
         in the problem's dtype and device; dL/dH is symmetric; dL/dl, dL/du are 0 at infinite bounds.
     """
     # --- alqp.pool: a large CPU batch in contiguous chunks, each its own backward, on threads.
-    # (Only where every problem has a solution: the failure policy's messages name problems by
-    # their index in the batch.) ---
+    # Only where every problem is SOLVED: each problem's gradient is then the same whatever its
+    # batch-mates, bit for bit (a closest-feasible problem's adjoint system is padded to the
+    # sizes of its group, and the failure policy's messages name problems by their index). ---
     B = problem.batch_size
     threads = batch_threads(B, problem.n) if problem.H.device.type == "cpu" else 1
-    if threads > 1 and bool(has_solution(solution.status).all()):
+    if threads > 1 and bool((solution.status == int(Status.SOLVED)).all()):
         incoming = (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in)
 
         def grads_rows(start: int, stop: int) -> dict[str, Tensor]:
