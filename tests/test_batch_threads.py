@@ -92,7 +92,7 @@ def test_chunked_batch_gives_the_serial_answers_and_gradients(case, dtype, monke
     serial_sol, serial_grads = _solve_and_grads(data, dtype)
     _chunking(monkeypatch, True)
     forward_chunks = _count_calls(monkeypatch, active_set, "_solve_batch")
-    backward_calls = _count_calls(monkeypatch, backward, "implicit_backward")
+    backward_calls = _count_calls(monkeypatch, backward, "implicit_backward")  # (the chunks' calls)
     chunked_sol, chunked_grads = _solve_and_grads(data, dtype)
 
     B = data["g"].shape[0]
@@ -101,7 +101,7 @@ def test_chunked_batch_gives_the_serial_answers_and_gradients(case, dtype, monke
     if (serial_sol.status == int(alqp.Status.SOLVED)).all():
         assert len(backward_calls) == 4 and sum(backward_calls) == B  # the backward too
     else:  # (a closest-feasible or failed problem: the backward runs in one piece)
-        assert backward_calls == [B]
+        assert backward_calls == []
     for name, a, b in zip(serial_sol._fields, serial_sol, chunked_sol):
         assert torch.equal(a, b), name
     assert serial_grads.keys() == chunked_grads.keys()
@@ -145,9 +145,10 @@ def test_chunked_factor_is_the_serial_factor(case, monkeypatch, two_threads):
         if part is None:  # a chunk without a factor: none of its problems is usable
             assert not serial.usable[start:stop].any()
             continue
+        keep = serial.usable[start:stop]
         for name, a, b in zip(active_set.LeastDistanceFactor._fields, serial.rows(start, stop), part):
-            keep = serial.usable[start:stop]
-            assert same(a[keep] if a.shape[0] == keep.shape[0] else a, b[keep] if b.shape[0] == keep.shape[0] else b), name
+            a, b = (t[keep] if t.shape[0] == keep.shape[0] else t for t in (a, b))
+            assert same(a, b), name
 
 
 def test_no_nested_pool_inside_a_chunk(monkeypatch, two_threads):
