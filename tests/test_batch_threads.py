@@ -34,6 +34,7 @@ def two_threads(monkeypatch):
 
 def _chunking(monkeypatch, on: bool) -> None:
     monkeypatch.setattr(pool, "MIN_BATCH_CHUNKED", 2 if on else 10**9)
+    monkeypatch.setattr(pool, "MIN_CHUNK", 1)
     monkeypatch.setattr(pool, "MIN_N", 1)
 
 
@@ -209,9 +210,14 @@ def test_an_error_in_a_chunk_reaches_the_caller(monkeypatch, two_threads):
     assert (again.status == int(alqp.Status.SOLVED)).all()
 
 
-def test_map_batch_chunks_and_concat_rows():
-    """Contiguous chunks in order, covering every index once; the concatenation keeps a
-    column-major layout and the values."""
+def test_map_batch_chunks_and_concat_rows(monkeypatch):
+    """Contiguous chunks in order, covering every index once, no smaller than MIN_CHUNK unless
+    that leaves a thread without one; the concatenation keeps a column-major layout and the values."""
+    monkeypatch.setattr(pool, "CHUNKS_PER_THREAD_BATCH", 2)
+    monkeypatch.setattr(pool, "MIN_CHUNK", 32)
+    assert len(pool.chunk_bounds(103, 3)) - 1 == 3 and len(pool.chunk_bounds(200, 3)) - 1 == 6
+    assert len(pool.chunk_bounds(40, 2)) - 1 == 2 and len(pool.chunk_bounds(1, 2)) - 1 == 1
+    monkeypatch.setattr(pool, "MIN_CHUNK", 1)
     seen = []
     out = pool.map_batch_chunks(lambda start, stop: (start, stop), 103, threads=3)
     for (start, stop), (next_start, _) in zip(out, out[1:] + [(103, None)]):

@@ -19,7 +19,8 @@ Thread policy of the active-set engine and of the layer's IFT backward (:func:`o
   (``torch.get_num_threads()``, which :func:`alqp.set_per_process_threads` sets to a process's
   share of the cores), capped by the cores this process may run on, is the number of pool
   threads. A batch of at least :data:`MIN_BATCH_CHUNKED` problems of at least :data:`MIN_N`
-  variables is cut into contiguous chunks (:data:`CHUNKS_PER_THREAD_BATCH` per thread), and each
+  variables is cut into contiguous chunks (:func:`chunk_bounds`: :data:`CHUNKS_PER_THREAD_BATCH`
+  per thread, of at least :data:`MIN_CHUNK` problems where the batch allows), and each
   chunk runs the whole engine (the batched least-distance factorization, the DAQP solves, the
   certification) or the whole backward, as an independent batch, on a pool thread
   (:func:`map_batch_chunks`; the answers are bit for bit the serial ones: the problems of a batch
@@ -52,8 +53,11 @@ MIN_N = 16
 CHUNKS_PER_THREAD = 4
 #: Smallest batch whose whole engine and backward run in chunks on the pool (map_batch_chunks).
 MIN_BATCH_CHUNKED = 64
-#: Chunks per thread of such a batch (each chunk pays the engine's fixed Python cost once more).
+#: Chunks per thread of such a batch (with more than one, the thread of an idle core takes over
+#: chunks from one whose core is busy), as long as each has at least MIN_CHUNK problems (each
+#: chunk pays the engine's fixed cost once more: at batch 32, two chunks of 16 lost to one).
 CHUNKS_PER_THREAD_BATCH = 2
+MIN_CHUNK = 32
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -146,8 +150,11 @@ def batch_threads(batch: int, n: int) -> int:
 
 def chunk_bounds(count: int, threads: int) -> list:
     """The bounds [0, ..., count] of the contiguous chunks :func:`map_batch_chunks` cuts
-    ``count`` problems into on ``threads`` threads."""
-    chunks = max(1, min(count, threads * CHUNKS_PER_THREAD_BATCH)) if threads > 1 else 1
+    ``count`` problems into on ``threads`` threads: ``threads`` times CHUNKS_PER_THREAD_BATCH, or
+    fewer per thread where chunks would have fewer than MIN_CHUNK problems, but at least one per
+    thread (and at most ``count``)."""
+    per_thread = max(1, min(CHUNKS_PER_THREAD_BATCH, count // max(threads * MIN_CHUNK, 1)))
+    chunks = max(1, min(count, threads * per_thread)) if threads > 1 else 1
     return [count * c // chunks for c in range(chunks + 1)]
 
 
@@ -178,8 +185,8 @@ def _run_tasks(tasks: list, threads: int) -> list:
 
 def map_batch_chunks(body: Callable[[int, int], _T], count: int, threads: int) -> list:
     """``[body(start, stop), ...]`` over the contiguous ranges of :func:`chunk_bounds`, which cover
-    0..count-1 in order: ``threads * CHUNKS_PER_THREAD_BATCH`` chunks (at most ``count``) on
-    ``threads`` pool threads, or ``[body(0, count)]`` in the calling thread when ``threads`` is 1.
+    0..count-1 in order, on ``threads`` pool threads, or ``[body(0, count)]`` in the calling
+    thread when ``threads`` is 1.
 
     Inside a chunk, :func:`solve_threads` and :func:`batch_threads` are 1 (no nested use of the
     pool, which could wait on itself) and torch runs on one intra-op thread. An exception in any
