@@ -34,7 +34,7 @@ def two_threads(monkeypatch):
 
 def _chunking(monkeypatch, on: bool) -> None:
     monkeypatch.setattr(pool, "MIN_BATCH_CHUNKED", 2 if on else 10**9)
-    monkeypatch.setattr(pool, "MIN_CHUNK", 1)
+    monkeypatch.setattr(pool, "CHUNK_SIZE", 3)
     monkeypatch.setattr(pool, "MIN_N", 1)
 
 
@@ -211,19 +211,19 @@ def test_an_error_in_a_chunk_reaches_the_caller(monkeypatch, two_threads):
 
 
 def test_map_batch_chunks_and_concat_rows(monkeypatch):
-    """Contiguous chunks in order, covering every index once, no smaller than MIN_CHUNK unless
-    that leaves a thread without one; the concatenation keeps a column-major layout and the values."""
-    monkeypatch.setattr(pool, "CHUNKS_PER_THREAD_BATCH", 2)
-    monkeypatch.setattr(pool, "MIN_CHUNK", 32)
-    assert len(pool.chunk_bounds(103, 3)) - 1 == 3 and len(pool.chunk_bounds(200, 3)) - 1 == 6
-    assert len(pool.chunk_bounds(40, 2)) - 1 == 2 and len(pool.chunk_bounds(1, 2)) - 1 == 1
-    monkeypatch.setattr(pool, "MIN_CHUNK", 1)
+    """Contiguous chunks in order, covering every index once, the same number per thread, of
+    about CHUNK_SIZE problems; the concatenation keeps a column-major layout and the values."""
+    monkeypatch.setattr(pool, "CHUNK_SIZE", 64)
+    chunks = lambda count, threads: len(pool.chunk_bounds(count, threads)) - 1  # noqa: E731
+    assert chunks(256, 2) == 4 and chunks(1024, 2) == 16 and chunks(64, 2) == 2 and chunks(20, 2) == 2
+    assert chunks(1, 2) == 1 and chunks(1000, 1) == 1 and chunks(400, 3) == 6
+    monkeypatch.setattr(pool, "CHUNK_SIZE", 10)
     seen = []
     out = pool.map_batch_chunks(lambda start, stop: (start, stop), 103, threads=3)
     for (start, stop), (next_start, _) in zip(out, out[1:] + [(103, None)]):
-        assert stop == next_start
+        assert stop == next_start and 9 <= stop - start <= 12
         seen.extend(range(start, stop))
-    assert seen == list(range(103)) and len(out) == 3 * pool.CHUNKS_PER_THREAD_BATCH
+    assert seen == list(range(103)) and len(out) == 9
     assert pool.map_batch_chunks(lambda start, stop: (start, stop), 103, threads=1) == [(0, 103)]
 
     gen = torch.Generator().manual_seed(0)
