@@ -23,14 +23,30 @@ Thread policy of the active-set engine and of the layer's IFT backward (:func:`o
   about :data:`CHUNK_SIZE` problems), and each
   chunk runs the whole engine (the batched least-distance factorization, the DAQP solves, the
   certification) or the whole backward, as an independent batch, on a pool thread
-  (:func:`map_batch_chunks`; the answers are bit for bit the serial ones: the problems of a batch
-  are independent, and every batched operation works problem by problem);
+  (:func:`map_batch_chunks`). The answers and gradients are bit for bit the serial ones: the
+  problems of a batch are independent, every batched operation works problem by problem, and a
+  problem's factor keeps LAPACK's memory layout whatever its batch-mates
+  (:func:`alqp.active_set.take_rows`). The backward is cut only where every problem is SOLVED
+  (a closest-feasible problem's adjoint system is padded to the sizes of its group). The
+  chunks' least-distance factors stay apart (:class:`alqp.active_set.ChunkedFactor`) for the
+  backward's identical chunks, and the outputs are joined on the pool (:func:`concat_rows`);
 * smaller batches (from :data:`MIN_BATCH` problems) run the engine's torch algebra in the calling
   thread and only the per-problem DAQP solves on the pool (:func:`run_chunked`); inside a chunk
   of a batch those solves run in the chunk's thread (no nested use of the pool);
 * the pool's threads block, they do not spin: when another process keeps a core busy, a chunk on
   that core just runs later, and with more than one chunk per thread the idle thread takes over
   the rest.
+
+Measured on the 2-core development machine (shared, so medians of alternating runs of the code
+before and after the batch chunks; Table-2 size, forward + backward, float64):
+``python -m benchmarks --preset threads --peers alqp``, 2 threads over 1: batch 64 1.32x (was
+0.96x), 256 1.77x (1.04x), 1024 2.08x (1.01x); ``python -m benchmarks.threads_check``, batch 256:
+idle 1.82 to 1.85x in the two quiet runs (1.40x in a disturbed one; was 0.98 to 1.08x), and with one core kept busy by
+another process 2 threads are 1.03 to 1.16x faster than 1 and 1.50 to 1.66x slower than 2 threads
+on the idle machine (torch's own 2 threads, the policy off: 2.3 to 3.1x). Part of the gain is the
+chunking itself: at 1 thread, 4 chunks of 64 run the forward of batch 256 some 20% faster than
+one batch (fewer page faults, the factors in cache), and 2 threads over serially run chunks give
+1.4 to 1.5x, as 2 processes do.
 
 ``ENABLED = False`` turns all of it off (torch threads as the caller set them, every loop serial).
 """
