@@ -43,7 +43,7 @@ before and after the batch chunks; Table-2 size, forward + backward, float64):
 0.96x), 256 1.77x (1.04x), 1024 2.08x (1.01x); ``python -m benchmarks.threads_check``, batch 256:
 idle 1.82 to 1.85x in the two quiet runs (1.40x in a disturbed one; was 0.98 to 1.08x), and with one core kept busy by
 another process 2 threads are 1.03 to 1.16x faster than 1 and 1.50 to 1.66x slower than 2 threads
-on the idle machine (torch's own 2 threads, the policy off: 2.3 to 3.1x). Part of the gain is the
+on the idle machine (torch's own 2 threads, the policy off: 2.1 to 3.9x). Part of the gain is the
 chunking itself: at 1 thread, 4 chunks of 64 run the forward of batch 256 some 20% faster than
 one batch (fewer page faults, the factors in cache), and 2 threads over serially run chunks give
 1.4 to 1.5x, as 2 processes do.
