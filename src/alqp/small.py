@@ -29,9 +29,9 @@ Hooks (the only places that know about this module): the eager layer
 (:class:`alqp.layer._EagerQPFunction`) tries :func:`host_qp` + :func:`solve_host` before anything
 else and :func:`kkt_grads_host` in its backward; :func:`alqp.solver.solve_problem_factored`
 calls :func:`solve_small` first on the active-set engine, and :func:`alqp.layer._implicit_grads`
-calls :func:`backward_small` first (the calls that reach the general path: compiled and
-transformed graphs, and the eager calls the host lane declined). Set :data:`ENABLED` to False to
-compare with the general path.
+calls :func:`backward_small` first (for the calls that do not take the host lane: compiled and
+transformed graphs, and forwards whose backward is LPGD; not for a batch the host lane declined).
+Set :data:`ENABLED` to False to compare with the general path.
 """
 from __future__ import annotations
 
