@@ -5,15 +5,8 @@ report shows it as XFAIL (or XPASS once the defect is fixed, the cue to delete t
 """
 import pytest
 
-_F32_CF = ("issue 17: float32 closest-feasible answers are now re-solved in float64 and certified; these "
-           "float32-rounded members are degenerate and the float64 ALM stalls on them (the old code stalled on "
-           "2 of 8 of infeasible_ineq's rounded copies in float64 too, and reported float32 answers with x off "
-           "by 2e-2 as CLOSEST_FEASIBLE). The active-set engine's member now certifies: DAQP calls the float32-tilted "
-           "repeated rows dependent (flag -6), and those problems try the closest-feasible ladder too")
 KNOWN_DEFECTS: dict = {
     # "test_file.py::test_name[param]": "reason",
-    "test_forward.py::test_float32[alm-infeasible_eq_duplicated]": _F32_CF,
-    "test_forward.py::test_float32[alm-infeasible_ineq]": _F32_CF,
 }
 
 

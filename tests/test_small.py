@@ -328,3 +328,18 @@ def test_general_path_hooks_answer_where_the_host_lane_is_not_used(monkeypatch):
     x = alqp.solve_qp(data["H"], g, data["A"], data["b"], data["C"], data["l"], data["u"]).x
     (grad,) = torch.autograd.grad((gx * x).sum(), g)
     assert torch.allclose(hook["g"], grad, atol=1e-13, rtol=0)
+
+
+def test_host_lane_keeps_autograds_in_place_check_and_contiguous_outputs():
+    """An input changed in place between the forward and the backward is caught (as on the
+    general path, by the version counters of the saved tensors); y and z come out contiguous."""
+    data = families.strictly_convex(3, 4, 1, 6, seed=0)
+    g = data["g"].clone().requires_grad_(True)
+    u = data["u"].clone()
+    before = dict(small.counters)
+    sol = alqp.solve_qp(data["H"], g, data["A"], data["b"], data["C"], data["l"], u)
+    assert small.counters["forward"] == before["forward"] + 1
+    assert sol.y.is_contiguous() and sol.z.is_contiguous()
+    u.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sol.x.sum().backward()

@@ -40,6 +40,14 @@ against the identity of the output they belong to, and reach the backward op by 
 that the autograd graph's context keeps alive. Where they do not arrive (compiled graphs, vmap) the
 backward recomputes them: same gradients, more work.
 
+The host lane: in a plain eager call (no compile, no torch.func transform), a small CPU batch
+with the implicit backward and no warm start is first offered to :mod:`alqp.small`, which
+validates, solves, certifies and differentiates it on numpy arrays (:func:`_host_forward`,
+:func:`_host_backward`); at a few variables the registered op's machinery and the torch operations
+of the general path cost several times the solve. Where the lane declines (data the general path
+must check and report, a problem not certified SOLVED, an ill-conditioned KKT system) the general
+path answers, with the same results.
+
 Problems without a solution: a problem whose status is MAX_ITER, STALLED, DUAL_INFEASIBLE,
 NUMERICAL_ERROR, PRIMAL_INFEASIBLE or NON_CONVEX has outputs that are no solution, so they have no
 derivative; its contribution to every input is what ``Settings.failed_gradient`` says: zero with a
@@ -471,6 +479,12 @@ class _HostLane:
         self.qp, self.answer, self.settings = qp, answer, settings
 
 
+class _HostProbe(NamedTuple):
+    """What :func:`alqp.solver.auto_engine` reads of a problem."""
+
+    H: Tensor
+
+
 def _host_forward(ctx, args):
     """The outputs of ``alqp::solve`` from :mod:`alqp.small`'s host lane; None where the lane
     does not apply, :data:`_DECLINED` where it solved the batch but did not certify all of it.
@@ -497,12 +511,6 @@ def _host_forward(ctx, args):
     # Unused outputs then reach the backward as None, not as tensors of zeros.
     ctx.set_materialize_grads(False)
     return tuple(small.solution_tensors(qp, answer))
-
-
-class _HostProbe(NamedTuple):
-    """What :func:`alqp.solver.auto_engine` reads of a problem."""
-
-    H: Tensor
 
 
 def _host_backward(ctx, lane: _HostLane, grads) -> Optional[tuple]:

@@ -101,7 +101,8 @@ def magnitudes(M: Tensor) -> Tensor:
     return M.to(torch.float32).abs_().clamp_(max=torch.finfo(torch.float32).max)
 
 
-def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int = 4) -> Tensor:
+def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int = 4,
+                          eps: Optional[float] = None) -> Tensor:
     """Remove from r its component in the range of the selected rows of G.
 
     Args:
@@ -109,6 +110,10 @@ def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int =
         rows: (B,k) bool, the rows that span the range (others are treated as absent; r is 0 there
             on return).
         r: (B,k).
+        eps: the relative precision of G's entries; None: the machine epsilon of G's dtype. It sets
+            the regularization, eps**0.75 times the largest squared row norm: directions of the
+            rows' span whose squared singular values lie far below it count as absent (rows that
+            are dependent up to a rounding of that size span no more than their exact copies).
 
     Returns:
         (B,k): r - G_V d with d = argmin |G_V d - r_V|, i.e. the part of r orthogonal to range(G_V).
@@ -123,7 +128,7 @@ def project_out_row_range(G: Tensor, rows: Tensor, r: Tensor, refinements: int =
     N = torch.matmul(Gm.transpose(-1, -2), Gm)
     diag_max = (N.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1.0) if N.shape[-1]
                 else N.new_ones(N.shape[0], 1))
-    reg = (torch.finfo(G.dtype).eps ** 0.75) * diag_max
+    reg = ((torch.finfo(G.dtype).eps if eps is None else eps) ** 0.75) * diag_max
     eye = torch.eye(N.shape[-1], dtype=G.dtype, device=G.device)
     L, _ = torch.linalg.cholesky_ex(N + reg.unsqueeze(-1) * eye)
     d = G.new_zeros(G.shape[0], G.shape[-1])

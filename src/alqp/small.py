@@ -29,9 +29,9 @@ Hooks (the only places that know about this module): the eager layer
 (:class:`alqp.layer._EagerQPFunction`) tries :func:`host_qp` + :func:`solve_host` before anything
 else and :func:`kkt_grads_host` in its backward; :func:`alqp.solver.solve_problem_factored`
 calls :func:`solve_small` first on the active-set engine, and :func:`alqp.layer._implicit_grads`
-calls :func:`backward_small` first (the calls that reach the general path: compiled and
-transformed graphs, and the eager calls the host lane declined). Set :data:`ENABLED` to False to
-compare with the general path.
+calls :func:`backward_small` first (for the calls that do not take the host lane: compiled and
+transformed graphs, and forwards whose backward is LPGD; not for a batch the host lane declined).
+Set :data:`ENABLED` to False to compare with the general path.
 """
 from __future__ import annotations
 
@@ -336,10 +336,11 @@ def solve_host(qp: HostQP, settings) -> Optional[HostSolution]:
     # The general path's direct form (alqp.active_set._direct_scaling), for the whole batch at
     # once: the cost divided by max(|H|, |g|), each row by its largest entry, so that DAQP's
     # absolute tolerances act on quantities of size one; the multipliers are lam * cost / rows.
-    H_max = absM[:, :n].max(axis=(1, 2))
+    row_max = absM.max(axis=2)
+    H_max = row_max[:, :n].max(axis=1)
     cost = np.maximum(H_max, np.abs(g).max(axis=1))
     cost[cost == 0] = 1.0
-    rows = absM[:, n:].max(axis=2)
+    rows = row_max[:, n:]
     rows[rows == 0] = 1.0
     Hs, gs = M[:, :n] / cost[:, None, None], g / cost[:, None]
     Gs, los, his = M[:, n:] / rows[:, :, None], lo / rows, hi / rows
@@ -399,9 +400,11 @@ def solution_tensors(qp: HostQP, answer: HostSolution) -> QPSolution:
     """The batched :class:`alqp.QPSolution` of a certified :class:`HostSolution`."""
     p, m = qp.p, qp.m
     B = answer.x.shape[0]
-    # (numpy slices and zeros wrapped by from_numpy: a fraction of the cost of torch's own)
-    out = [torch.from_numpy(a) for a in (answer.x, answer.w[:, :p], answer.w[:, p:], np.zeros((B, p)),
-                                         np.zeros((B, m)))]
+    # (numpy copies and zeros wrapped by from_numpy: a fraction of the cost of torch's own; y
+    # and z contiguous, as the general path returns them)
+    w = answer.w
+    out = [torch.from_numpy(a) for a in (answer.x, np.ascontiguousarray(w[:, :p]), np.ascontiguousarray(w[:, p:]),
+                                         np.zeros((B, p)), np.zeros((B, m)))]
     if qp.dtype != torch.float64:
         out = [t.to(qp.dtype) for t in out]
     return QPSolution(*out, torch.from_numpy(np.zeros(B, dtype=np.int64)),  # (Status.SOLVED == 0)

@@ -125,7 +125,9 @@ def _solve_alm_certified(problem: QPProblem, settings: Settings, warm_start=None
     (:func:`_certified`); in a dtype below float64, the problems it could not certify and its
     closest-feasible ones are solved again in float64 and certified, rounded, in their own dtype
     (the ALM's multipliers, residuals over the penalty, lose the digits float32 has at the penalty
-    floor of an infeasible QP: a float32 closest-feasible x was off by 2e-2)."""
+    floor of an infeasible QP: a float32 closest-feasible x was off by 2e-2). The float64 solve
+    takes rows as dependent at the data's precision (``data_dtype``): without that, 6 of the 8
+    float32-rounded copies of the test family infeasible_ineq stalled or ran out of iterations."""
     solution = _solve_alm_with_retries(problem, settings, warm_start)
     if problem.H.dtype == torch.float64:
         return solution
@@ -137,7 +139,7 @@ def _solve_alm_certified(problem: QPProblem, settings: Settings, warm_start=None
     idx = retry.nonzero().squeeze(-1)
     sub = problem.select(idx)
     wide = replace(sub, **{name: t.double() for name, t in sub.tensors().items()})
-    again = solve_alm(wide, settings)
+    again = solve_alm(wide, settings, data_dtype=problem.H.dtype)
     again = QPSolution(*(t.to(problem.H.dtype) for t in again[:5]), again.status, again.iterations)
     again = _certified(sub, again, settings)
     # (A float32 closest-feasible answer is replaced whatever the float64 one's status: it was
@@ -414,6 +416,9 @@ class _Setup(NamedTuple):
     is_eq: Tensor  # (k,) bool: the p equality rows come first
     structure: "_Structure"
     eye: Tensor  # (n,n)
+    # The relative precision of the data, for the reshift's rank decisions: the machine epsilon of
+    # the dtype they were given in (see solve_alm's data_dtype).
+    data_eps: float
 
 
 @dataclass
@@ -442,7 +447,8 @@ class _Outputs:
                           self.status, self.iterations)
 
 
-def _start(problem: QPProblem, settings: Settings, warm_start) -> tuple[_Setup, _Work]:
+def _start(problem: QPProblem, settings: Settings, warm_start,
+           data_dtype: Optional[torch.dtype] = None) -> tuple[_Setup, _Work]:
     """Equilibrate the batch and build the working set at the starting point."""
     dtype, device = problem.H.dtype, problem.H.device
     B, n, p, m = problem.batch_size, problem.n, problem.p, problem.m
@@ -461,7 +467,7 @@ def _start(problem: QPProblem, settings: Settings, warm_start) -> tuple[_Setup, 
     setup = _Setup(problem, settings, resolve_tolerance(settings, dtype), mu_min, p, k,
                    torch.arange(k, device=device) < p,
                    _Structure(zero_H=not bool(scaled.H.any()), bound_rows=bound_rows),
-                   torch.eye(n, dtype=dtype, device=device))
+                   torch.eye(n, dtype=dtype, device=device), torch.finfo(data_dtype or dtype).eps)
     ws = _batched_warm_start(warm_start, problem)
     if ws is None:
         x = scaled.H.new_zeros(B, n)
@@ -491,13 +497,22 @@ def _start(problem: QPProblem, settings: Settings, warm_start) -> tuple[_Setup, 
     return setup, work
 
 
-def solve_alm(problem: QPProblem, settings: Settings, warm_start=None) -> QPSolution:
+def solve_alm(problem: QPProblem, settings: Settings, warm_start=None,
+              data_dtype: Optional[torch.dtype] = None) -> QPSolution:
     """The proximal augmented-Lagrangian engine on a canonical batch (see :func:`solve_problem_factored`).
 
     Each outer iteration measures the residuals, decides the statuses, moves infeasible problems onto
     their closest feasible QP, retires the decided problems, minimizes the proximal augmented
-    Lagrangian by Newton steps and updates the multipliers and penalties (BCL)."""
-    setup, w = _start(problem, settings, warm_start)
+    Lagrangian by Newton steps and updates the multipliers and penalties (BCL).
+
+    ``data_dtype``: the dtype the data were rounded to before they were widened to the problem's
+    (float32 data solved in float64: :func:`_solve_alm_certified`); None: the problem's own. Rows
+    that are dependent up to that rounding are taken as dependent when a shift is projected
+    (:func:`_reshift`): float32 copies of a row, each rounded its own way, differ in float64 by a
+    tilt of about 1e-7, which a projection at float64's precision partly resolves; the shift it
+    gave was off by about 1e-3 relative, failed the shift's optimality test and was undone and
+    taken again until the problem stalled."""
+    setup, w = _start(problem, settings, warm_start, data_dtype)
     out = _Outputs.empty(problem)
     for outer in range(settings.max_iter + 1):
         meas = _measure(w, setup)
@@ -695,7 +710,7 @@ def _reshift(w: _Work, setup: _Setup, mask: Tensor, violation: Tensor, min_shift
     d, b = w.data, w.bounds
     r_s = violation[idx] * d.R[idx]
     rows = setup.is_eq | (r_s != 0)
-    s = project_out_row_range(d.G[idx], rows, r_s)
+    s = project_out_row_range(d.G[idx], rows, r_s, eps=setup.data_eps)
     # A problem that is only slow to become feasible has its violation in the range of the
     # violated rows, so its projected shift is (nearly) zero: it is not moved.
     big = inf_norm(s / d.R[idx]) >= min_shift[idx]
@@ -710,7 +725,7 @@ def _reshift(w: _Work, setup: _Setup, mask: Tensor, violation: Tensor, min_shift
     # now feasible, QP from their bounded part.
     moved = s.abs() > 1e-6 * inf_norm(s).unsqueeze(-1)
     mult = w.it.mult_cur[idx]
-    mult = mult - project_out_row_range(d.G[idx], moved, mult)
+    mult = mult - project_out_row_range(d.G[idx], moved, mult, eps=setup.data_eps)
     w.it.mult[idx], w.it.mult_cur[idx] = mult, mult
     w.prog.since_progress[idx] = 0
     w.prog.best[idx] = float("inf")
