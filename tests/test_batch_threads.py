@@ -216,7 +216,7 @@ def test_map_batch_chunks_and_concat_rows(monkeypatch):
     monkeypatch.setattr(pool, "CHUNK_SIZE", 64)
     chunks = lambda count, threads: len(pool.chunk_bounds(count, threads)) - 1  # noqa: E731
     assert chunks(256, 2) == 4 and chunks(1024, 2) == 16 and chunks(64, 2) == 2 and chunks(20, 2) == 2
-    assert chunks(1, 2) == 1 and chunks(1000, 1) == 1 and chunks(400, 3) == 6
+    assert chunks(1, 2) == 1 and chunks(1000, 1) == 16 and chunks(400, 3) == 6 and chunks(64, 1) == 1
     monkeypatch.setattr(pool, "CHUNK_SIZE", 10)
     seen = []
     out = pool.map_batch_chunks(lambda start, stop: (start, stop), 103, threads=3)
@@ -224,7 +224,10 @@ def test_map_batch_chunks_and_concat_rows(monkeypatch):
         assert stop == next_start and 9 <= stop - start <= 12
         seen.extend(range(start, stop))
     assert seen == list(range(103)) and len(out) == 9
-    assert pool.map_batch_chunks(lambda start, stop: (start, stop), 103, threads=1) == [(0, 103)]
+    # One thread: the same chunks, one after the other in the calling thread.
+    serial = pool.map_batch_chunks(lambda start, stop: (start, stop, threading.current_thread()), 103, threads=1)
+    assert [c[:2] for c in serial] == [(103 * c // 10, 103 * (c + 1) // 10) for c in range(10)]
+    assert all(c[2] is threading.current_thread() for c in serial)
 
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(40, 30, 20, generator=gen, dtype=torch.float64).mT  # column-major (40, 20, 30)
@@ -235,3 +238,35 @@ def test_map_batch_chunks_and_concat_rows(monkeypatch):
     assert torch.equal(pool.concat_rows([rows[:20], rows[20:]], threads=2), rows)
     shared = rows[:1].expand(5, 6)  # an expanded piece is copied out
     assert torch.equal(pool.concat_rows([rows[:3], shared], threads=2), torch.cat([rows[:3], shared]))
+
+
+@pytest.mark.parametrize("case", ["strictly_convex", "lp_chunk_first"])
+def test_one_thread_runs_the_chunks_in_turn_with_the_serial_answers(case, monkeypatch):
+    """At one torch thread a batch of several chunks runs them one after the other in the calling
+    thread (no pool), bit for bit as one batch, and leaves torch's thread count alone."""
+    monkeypatch.setattr(small, "ENABLED", False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = CASES[case]()
+        _chunking(monkeypatch, False)
+        whole_sol, whole_grads = _solve_and_grads(data)
+        _chunking(monkeypatch, True)
+        threads_seen = []
+        original = active_set._solve_batch
+
+        def spy(problem, *args):
+            threads_seen.append(threading.current_thread())
+            return original(problem, *args)
+
+        monkeypatch.setattr(active_set, "_solve_batch", spy)
+        chunked_sol, chunked_grads = _solve_and_grads(data)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert len(threads_seen) == len(pool.chunk_bounds(data["g"].shape[0], 1)) - 1 == 4
+    assert all(t is threading.main_thread() for t in threads_seen)
+    for name, a, b in zip(whole_sol._fields, whole_sol, chunked_sol):
+        assert torch.equal(a, b), name
+    for name in whole_grads:
+        assert torch.equal(whole_grads[name], chunked_grads[name]), name

@@ -35,7 +35,7 @@ from torch import Tensor
 from alqp.activity import closest_feasible_output
 from alqp.certify import Tolerance, residuals, resolve_tolerance, shift_optimal
 from alqp.linalg import cholesky_solve_rows, vm
-from alqp.pool import (batch_threads, concat_rows, map_batch_chunks, one_torch_thread, run_chunked,  # alqp.pool
+from alqp.pool import (chunk_threads, concat_rows, map_batch_chunks, one_torch_thread, run_chunked,  # alqp.pool
                        solve_threads)
 from alqp.problem import QPProblem
 from alqp.settings import Settings
@@ -246,8 +246,8 @@ def solve_active_set(problem: QPProblem, settings: Settings, factor: Optional["L
         (None when there is none), for the backward.
     """
     # --- alqp.pool: a large CPU batch in contiguous chunks, each the whole engine, on threads ---
-    threads = batch_threads(problem.batch_size, problem.n) if problem.H.device.type == "cpu" else 1
-    if threads > 1:
+    threads = chunk_threads(problem.batch_size, problem.n) if problem.H.device.type == "cpu" else 0
+    if threads:
         def solve_rows(start: int, stop: int) -> ActiveSetResult:
             return _solve_batch(problem_rows(problem, start, stop), settings,
                                 None if factor is None else factor.rows(start, stop))
