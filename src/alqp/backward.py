@@ -97,7 +97,7 @@ from alqp.linalg import (WORK_DTYPE, as_dtype, cholesky_solve_rows, inf_norm, in
 from alqp.active_set import LeastDistanceFactor, problem_rows, take_rows
 from alqp.activity import activity_tol, bound_activity_tol, row_tolerance, shifted_rows
 from alqp.failure import mark_nan, screen_incoming
-from alqp.pool import batch_threads, concat_rows, map_batch_chunks
+from alqp.pool import chunk_threads, concat_rows, map_batch_chunks
 from alqp.problem import QPProblem
 from alqp.settings import Settings, Status, has_solution
 from alqp.types import QPSolution
@@ -1022,10 +1022,8 @@ def implicit_backward(problem: QPProblem, solution: QPSolution, grad_x: Optional
     # batch-mates, bit for bit (a closest-feasible problem's adjoint system is padded to the
     # sizes of its group, and the failure policy's messages name problems by their index). ---
     B = problem.batch_size
-    # (On threads only: at one thread the forward gains from its chunks, the backward did not,
-    # 17.6 against 19.1 ms at batch 100.)
-    threads = batch_threads(B, problem.n) if problem.H.device.type == "cpu" else 1
-    if threads > 1 and bool((solution.status == int(Status.SOLVED)).all()):
+    threads = chunk_threads(B, problem.n) if problem.H.device.type == "cpu" else 0
+    if threads and bool((solution.status == int(Status.SOLVED)).all()):
         incoming = (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in)
 
         def grads_rows(start: int, stop: int) -> dict[str, Tensor]:

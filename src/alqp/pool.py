@@ -30,12 +30,11 @@ Thread policy of the active-set engine and of the layer's IFT backward (:func:`o
   (a closest-feasible problem's adjoint system is padded to the sizes of its group). The
   chunks' least-distance factors stay apart (:class:`alqp.active_set.ChunkedFactor`) for the
   backward's identical chunks, and the outputs are joined on the pool (:func:`concat_rows`);
-* at one thread (the caller's torch threads, or the usable cores, are 1) the forward of a batch
-  that makes at least two chunks of about :data:`CHUNK_SIZE` problems runs them one after the
-  other in the calling thread (:func:`chunk_threads`): each chunk's factors stay in cache and its
-  temporaries page-fault less (Table-2 size, forward + backward at one thread, the threads
-  preset: batch 1024 684 ms against 838 ms as one batch; no gain at 100 and 256 in steady state).
-  The backward gained nothing from chunks at one thread and runs whole;
+* at one thread (the caller's torch threads, or the usable cores, are 1) a batch that makes at
+  least two chunks of about :data:`CHUNK_SIZE` problems runs them one after the other in the
+  calling thread (:func:`chunk_threads`): each chunk's factors stay in cache and its temporaries
+  page-fault less, which made the forward of a Table-2 batch of 256 some 25% faster than one
+  batch of 256 (100: 8%);
 * smaller batches (from :data:`MIN_BATCH` problems) run the engine's torch algebra in the calling
   thread and only the per-problem DAQP solves on the pool (:func:`run_chunked`); inside a chunk
   of a batch those solves run in the chunk's thread (no nested use of the pool);
