@@ -32,9 +32,10 @@ Thread policy of the active-set engine and of the layer's IFT backward (:func:`o
   backward's identical chunks, and the outputs are joined on the pool (:func:`concat_rows`);
 * at one thread (the caller's torch threads, or the usable cores, are 1) a batch that makes at
   least two chunks of about :data:`CHUNK_SIZE` problems runs them one after the other in the
-  calling thread (:func:`chunk_threads`): each chunk's factors stay in cache and its temporaries
-  page-fault less, which made the forward of a Table-2 batch of 256 some 25% faster than one
-  batch of 256 (100: 8%);
+  calling thread (:func:`chunk_threads`), forward and backward: each chunk's factors stay in
+  cache and its temporaries page-fault less. Table-2 size, one thread, medians of alternating
+  runs: batch 1024 forward 475 to 511 ms against 499 to 530 as one batch, backward 179 to 196
+  against 294 to 339 ms; batch 256 backward 46 to 49 against 50 to 54 ms; batch 100 level;
 * smaller batches (from :data:`MIN_BATCH` problems) run the engine's torch algebra in the calling
   thread and only the per-problem DAQP solves on the pool (:func:`run_chunked`); inside a chunk
   of a batch those solves run in the chunk's thread (no nested use of the pool);
