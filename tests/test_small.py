@@ -259,13 +259,19 @@ def test_host_lane_data_equal_canonical_data(seed, dtype):
     data = _random_inputs(seed, dtype)
     args = [data[k] for k in NAMES]
     lane = small.host_qp(*args)
-    problem = canonicalize(*args)
-    reference = small.host_qp_of(problem)
+    reference = small.host_qp_of(canonicalize(*args))
     assert lane is not None and reference is not None
     for name in ("M", "absM", "g", "lo", "hi"):
         assert np.array_equal(getattr(lane, name), getattr(reference, name)), name
     assert (lane.n, lane.p, lane.m, lane.dtype) == (reference.n, reference.p, reference.m, reference.dtype)
-    assert lane.batched == tuple(None if data[k] is None else problem.batched[k] for k in NAMES)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_lane_gradients_of_shared_and_batch_one_inputs(seed, monkeypatch):
+    """The lane's gradients of inputs given without a batch dimension (A, l) or with batch size 1
+    (b) are the general path's sums over the batch, in their own shapes."""
+    taken = _compare(_random_inputs(seed), monkeypatch)
+    assert taken["forward"] == 1 and taken["backward"] == 1
 
 
 BAD_INPUTS = {

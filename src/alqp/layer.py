@@ -191,7 +191,7 @@ def _implicit_grads(problem, solution, incoming, settings: Settings, factor, fas
 
 
 def _backward_impl(H, g, A, b, C, l, u, x, y, z, s_eq, s_in, status, iterations, gx, gy, gz, gs_eq, gs_in,
-                   settings: str, backward: str, carry: int) -> tuple:
+                   settings: str, backward: str, carry: int, fast_path: bool = True) -> tuple:
     kept = _CARRIES.get(carry) if carry >= 0 else None
     if kept is not None:
         problem, factor = kept.problem, kept.factor
@@ -200,7 +200,7 @@ def _backward_impl(H, g, A, b, C, l, u, x, y, z, s_eq, s_in, status, iterations,
         problem, factor = canonicalize(H, g, A, b, C, l, u, check_symmetry=False), None
     solution = QPSolution(x, y, z, s_eq, s_in, status, iterations)
     grads = _engine_grads(problem, solution, (gx, gy, gz, gs_eq, gs_in), settings_from_json(settings),
-                          backward_from_json(backward), factor)
+                          backward_from_json(backward), factor, fast_path)
     return tuple(grads[name] for name in ARG_NAMES)
 
 
@@ -455,10 +455,9 @@ class _EagerQPFunction(torch.autograd.Function):
             return QPFunction.backward(ctx, *grads)
         # The general backward, without a second try of alqp.small's (it declined this batch).
         saved = ctx.saved_tensors
-        data = saved[:7]
-        problem = canonicalize(*data, check_symmetry=False)
-        out = _engine_grads(problem, QPSolution(*saved[7:]), grads[:5], lane.settings, IFT(), None, fast_path=False)
-        return _input_grads(data, tuple(out[name] for name in ARG_NAMES), ctx.needs_input_grad[2:9])
+        out = _backward_impl(*saved, *grads[:5], ctx.settings_json, ctx.backward_json, ctx.carry_key,
+                             fast_path=False)
+        return _input_grads(saved[:7], out, ctx.needs_input_grad[2:9])
 
     jvp = staticmethod(_no_forward_mode)
 
@@ -524,19 +523,9 @@ def _host_backward(ctx, lane: _HostLane, grads) -> Optional[tuple]:
     if grads_np is None:
         return None
     needs = ctx.needs_input_grad[2:9]
-    out = []
-    for name, t, batched, need in zip(ARG_NAMES, saved[:7], lane.qp.batched, needs):
-        if t is None or not need:
-            out.append(None)
-            continue
-        grad = grads_np[name]
-        if not batched:
-            grad = grad.sum(0)
-        elif t.shape[0] != grad.shape[0]:
-            grad = grad.sum(0, keepdims=True)
-        grad = torch.from_numpy(np.ascontiguousarray(grad))
-        out.append(grad if t.dtype == torch.float64 else grad.to(t.dtype))
-    return (None, None, *out, None, None, None)
+    grads = tuple(torch.from_numpy(np.ascontiguousarray(grads_np[name])) if need and t is not None else None
+                  for name, t, need in zip(ARG_NAMES, saved[:7], needs))
+    return _input_grads(saved[:7], grads, needs)
 
 
 # ------------------------------------------------------------------------------------------------

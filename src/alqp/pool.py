@@ -149,11 +149,7 @@ def run_chunked(body: Callable[[range], None], count: int, threads: int) -> None
         return
     chunks = min(count, threads * CHUNKS_PER_THREAD)
     bounds = [count * c // chunks for c in range(chunks + 1)]
-    futures = [_executor(threads).submit(body, range(bounds[c], bounds[c + 1])) for c in range(chunks)]
-    errors = [f.exception() for f in futures]
-    for error in errors:
-        if error is not None:
-            raise error
+    _run_tasks([functools.partial(body, range(bounds[c], bounds[c + 1])) for c in range(chunks)], threads)
 
 
 def batch_threads(batch: int, n: int) -> int:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from alqp.activity import activity_tol, bound_activity_tol
-from alqp.certify import Tolerance, resolve_tolerance
+from alqp.certify import Tolerance
 from alqp.problem import QPProblem
 from alqp.types import QPSolution, Status
 
@@ -80,8 +80,6 @@ class HostQP(NamedTuple):
         lo, hi: (B,p+m) float64, [b; l] and [b; u] (-inf / +inf where a side is unbounded).
         n, p, m: the numbers of variables, equality and inequality rows.
         dtype: the caller's dtype (answers are rounded to it).
-        batched: for each of H, g, A, b, C, l, u, whether the caller gave it with a batch
-            dimension (None where it was absent); the layer reduces gradients with it.
     """
 
     M: np.ndarray
@@ -93,7 +91,6 @@ class HostQP(NamedTuple):
     p: int
     m: int
     dtype: torch.dtype
-    batched: tuple
 
     @property
     def H(self) -> np.ndarray:
@@ -130,7 +127,7 @@ def eligible(problem: QPProblem) -> bool:
             and _sizes_fit(problem.batch_size, problem.n, problem.p + problem.m))
 
 
-def _assemble(B: int, n: int, p: int, m: int, H, g, A, b, C, l, u, dtype, batched) -> HostQP:
+def _assemble(B: int, n: int, p: int, m: int, H, g, A, b, C, l, u, dtype) -> HostQP:
     """The HostQP of host arrays in :func:`alqp.solve_qp`'s shapes (any dtype; each with or
     without its batch dimension, or None where absent), broadcast to B by the assignments."""
     k = p + m
@@ -148,7 +145,7 @@ def _assemble(B: int, n: int, p: int, m: int, H, g, A, b, C, l, u, dtype, batche
         hi[:, p:] = _INF if u is None else u
     gb = np.empty((B, n))
     gb[:] = g
-    return HostQP(M, np.abs(M), gb, lo, hi, n, p, m, dtype, batched)
+    return HostQP(M, np.abs(M), gb, lo, hi, n, p, m, dtype)
 
 
 def host_qp_of(problem: QPProblem) -> Optional[HostQP]:
@@ -156,26 +153,23 @@ def host_qp_of(problem: QPProblem) -> Optional[HostQP]:
     if not eligible(problem):
         return None
     return _assemble(problem.batch_size, problem.n, problem.p, problem.m,
-                     *(problem.tensors()[k].numpy() for k in ("H", "g", "A", "b", "C", "l", "u")),
-                     problem.H.dtype, tuple(problem.batched[k] for k in ("H", "g", "A", "b", "C", "l", "u")))
+                     *(t.numpy() for t in problem.tensors().values()), problem.H.dtype)
 
 
 # The number of per-problem dimensions of the layer's inputs H, g, A, b, C, l, u.
 _CORE = (2, 1, 2, 1, 2, 1, 1)
 
 
-def _layout(tensors) -> Optional[tuple]:
-    """(B, batched flags) of the inputs when they are one CPU float64/float32 dtype, the blocks
-    complete and the dimensions and batch sizes consistent; None otherwise."""
+def _batch_size(tensors) -> Optional[int]:
+    """The common batch size B of the inputs when they are one CPU float64/float32 dtype and their
+    dimensions and batch sizes are consistent; None otherwise."""
     H = tensors[0]
     dtype = H.dtype
     if dtype not in _DTYPES or not H.is_cpu:
         return None
     B = 1
-    batched = []
     for t, core in zip(tensors, _CORE):
         if t is None:
-            batched.append(None)
             continue
         if t.dtype != dtype or not t.is_cpu:
             return None
@@ -187,12 +181,9 @@ def _layout(tensors) -> Optional[tuple]:
                     B = size
                 elif size != B:
                     return None
-            batched.append(True)
-        elif d == core:
-            batched.append(False)
-        else:
+        elif d != core:
             return None
-    return B, tuple(batched)
+    return B
 
 
 def host_qp(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: Optional[Tensor],
@@ -208,10 +199,9 @@ def host_qp(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: O
     if not ENABLED or g is None or (A is None) != (b is None) or (C is None) != (l is None and u is None):
         return None
     tensors = (H, g, A, b, C, l, u)
-    layout = _layout(tensors)
-    if layout is None:
+    B = _batch_size(tensors)
+    if B is None:
         return None
-    B, batched = layout
     n = H.shape[-1]
     p = 0 if A is None else A.shape[-2]
     m = 0 if C is None else C.shape[-2]
@@ -229,7 +219,7 @@ def host_qp(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: O
         if not float(np.abs(H2 - 2 * Hn).max()) <= limit:  # (False on NaN too)
             return None
         Hn = H2 * Hn.dtype.type(0.5)  # (in the caller's dtype, as canonicalize symmetrizes)
-    qp = _assemble(B, n, p, m, Hn, gn, An, bn, Cn, ln, un, H.dtype, batched)
+    qp = _assemble(B, n, p, m, Hn, gn, An, bn, Cn, ln, un, H.dtype)
     # One sum for the finiteness of H, g, A, b, C (a NaN or Inf anywhere makes it non-finite; an
     # overflow of finite data only sends the batch to the general path, which checks them one by one).
     if not math.isfinite(float(qp.M.sum()) + float(qp.g.sum()) + float(qp.lo[:, :p].sum())):
@@ -241,16 +231,14 @@ def host_qp(H: Tensor, g: Tensor, A: Optional[Tensor], b: Optional[Tensor], C: O
 
 
 @lru_cache(maxsize=64)
-def _tolerances(settings, dtype: torch.dtype) -> tuple:
-    """(certification Tolerance, DAQP's inner tolerance, activity tol, bound activity tol) of
-    ``settings`` in ``dtype`` (cached: Settings is immutable)."""
-    from alqp.active_set import _INNER_TOL_FACTOR, _INNER_TOL_MAX, _INNER_TOL_MIN
+def _options(settings, dtype: torch.dtype) -> tuple:
+    """(DAQP's solve, options and certification tolerance, as the active-set engine runs it:
+    :func:`alqp.active_set._daqp_options`; the activity tolerance; the bound activity tolerance)
+    of ``settings`` in ``dtype`` (cached: Settings is immutable)."""
+    from alqp.active_set import _daqp_options
 
-    tol = resolve_tolerance(settings, dtype)
-    finest = min(t for t in tol if t > 0)
-    inner = min(max(_INNER_TOL_FACTOR * finest, _INNER_TOL_MIN), _INNER_TOL_MAX)
     activity = activity_tol(dtype, settings)
-    return tol, inner, activity, bound_activity_tol(activity, dtype)
+    return _daqp_options(settings, dtype), activity, bound_activity_tol(activity, dtype)
 
 
 @lru_cache(maxsize=256)
@@ -258,6 +246,11 @@ def _segments(n: int, p: int, k: int) -> tuple:
     """Start offsets of the residual vectors that :func:`_meets` concatenates (see there)."""
     dual_end = k + n + k
     return (np.array([0, k, dual_end, dual_end + k + max(p, 1)]), np.array([0, n, 2 * n]))
+
+
+def _products(M: np.ndarray, absM: np.ndarray, n: int, x: np.ndarray) -> tuple:
+    """M x (B,n+k) and |G| |x| (B,k) of M = [H; G] (B,n+k,n) and x (B,n)."""
+    return (M @ x[..., None])[..., 0], (absM[:, n:] @ np.abs(x)[..., None])[..., 0]
 
 
 def _meets(M: np.ndarray, absM: np.ndarray, g: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, p: int,
@@ -275,10 +268,9 @@ def _meets(M: np.ndarray, absM: np.ndarray, g: np.ndarray, lo: np.ndarray, hi: n
         row classification reuses them).
     """
     B, k = w.shape
-    Mx = (M @ x[..., None])[..., 0]
+    Mx, Gx_size = _products(M, absM, n, x)
     Hx, Gx = Mx[:, :n], Mx[:, n:]
     absG = absM[:, n:]
-    Gx_size = (absG @ np.abs(x)[..., None])[..., 0]
     wr = w[:, None, :]
     Gtw = (wr @ M[:, n:])[:, 0]
     Gtw_size = (np.abs(wr) @ absG)[:, 0]
@@ -330,9 +322,9 @@ def solve_host(qp: HostQP, settings) -> Optional[HostSolution]:
     """
     M, absM, g, lo, hi, n, p = qp.M, qp.absM, qp.g, qp.lo, qp.hi, qp.n, qp.p
     B, k = lo.shape
-    solve = _daqp_solve()
+    daqp = _options(settings, qp.dtype)[0]
+    solve, options = daqp.solve, daqp.options
     sense = _sense(k, p)
-    tol, inner_tol, _, _ = _tolerances(settings, qp.dtype)
     # The general path's direct form (alqp.active_set._direct_scaling), for the whole batch at
     # once: the cost divided by max(|H|, |g|), each row by its largest entry, so that DAQP's
     # absolute tolerances act on quantities of size one; the multipliers are lam * cost / rows.
@@ -351,8 +343,7 @@ def solve_host(qp: HostQP, settings) -> Optional[HostSolution]:
     lam = np.empty((B, k))
     iters = np.empty(B, dtype=np.int64)
     for i in range(B):
-        x_i, _, flag, info = solve(None if lp[i] else Hs[i], gs[i], Gs[i], his[i], los[i], sense,
-                                   primal_tol=inner_tol, eta_prox=inner_tol)
+        x_i, _, flag, info = solve(None if lp[i] else Hs[i], gs[i], Gs[i], his[i], los[i], sense, **options)
         if flag != _DAQP_OPTIMAL:
             counters["forward_fallback"] += 1
             return None
@@ -363,19 +354,12 @@ def solve_host(qp: HostQP, settings) -> Optional[HostSolution]:
     if qp.dtype != torch.float64:
         from alqp.active_set import _rounded
         x, w = _rounded(x, qp.dtype), _rounded(w, qp.dtype)
-    meets, Mx, Gx_size = _meets(M, absM, g, lo, hi, n, p, x, w, tol)
+    meets, Mx, Gx_size = _meets(M, absM, g, lo, hi, n, p, x, w, daqp.tol)
     if not meets.all():
         counters["forward_fallback"] += 1
         return None
     counters["forward"] += 1
     return HostSolution(x, w, iters, Mx, Gx_size)
-
-
-@lru_cache(maxsize=1)
-def _daqp_solve():
-    from alqp.active_set import _import_daqp
-
-    return _import_daqp().solve
 
 
 def _sense(k: int, p: int) -> np.ndarray:
@@ -488,7 +472,7 @@ def kkt_grads_host(qp: HostQP, answer: HostSolution, incoming, settings) -> Opti
         counters["backward_fallback"] += 1
         return None
     M = qp.M
-    _, _, tol, bound_tol = _tolerances(settings, qp.dtype)
+    _, tol, bound_tol = _options(settings, qp.dtype)
     active, upper, lower = _classify_host(qp, w, answer.Mx, answer.Gx_size, tol, bound_tol)
 
     # The padded KKT matrix [[H, G_J'], [G_J, I_off-J]], G_J = [A; C_J]: an inactive row i gets 1
@@ -569,8 +553,7 @@ def backward_small(problem: QPProblem, solution: QPSolution, grad_x, grad_y, gra
                 for t in (grad_x, grad_y, grad_z, grad_s_eq, grad_s_in)]
     x = solution.x.double().numpy()
     w = np.concatenate([solution.y.numpy(), solution.z.numpy()], 1).astype(np.float64, copy=False)
-    Mx = (qp.M @ x[..., None])[..., 0]
-    answer = HostSolution(x, w, solution.iterations.numpy(), Mx, (qp.absM[:, qp.n:] @ np.abs(x)[..., None])[..., 0])
+    answer = HostSolution(x, w, solution.iterations.numpy(), *_products(qp.M, qp.absM, qp.n, x))
     grads = kkt_grads_host(qp, answer, incoming, settings)
     if grads is None:
         return None
